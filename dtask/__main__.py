@@ -1,0 +1,3 @@
+from dtask.cli import main
+
+main()

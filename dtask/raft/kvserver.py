@@ -1,0 +1,134 @@
+"""A replicated key-value daemon: one Raft node, a KVStore, and a client ROUTER.
+
+It exercises the Raft layer end to end with real processes (the real-process tests,
+the Raft benchmark and, until the scheduler exists, `dtask dev`). The scheduler
+daemon is built the same way, with its own state machine and protocol.
+
+Client protocol (DEALER -> ROUTER, one frame per request, msgpack):
+  request  [req_id, op, key, value]   op: put | append | cas | get | local_get | status
+  reply    [req_id, code, value, leader_id]   code: ok | not_leader | error
+`get` is linearizable (ReadIndex); `local_get` reads this replica's state as it is.
+Clients pipeline requests: replies carry the request id and may come out of order.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import time
+
+import msgpack
+import zmq
+
+from .core import NotLeader
+from .kv import KVStore
+from .node import NodeConfig, RaftNode
+
+log = logging.getLogger("dtask.raft.kvserver")
+
+WRITE_OPS = {"put", "append", "cas"}
+
+
+class KVServer:
+    def __init__(self, cfg: NodeConfig, client_bind: str, ctx: zmq.Context | None = None):
+        self.ctx = ctx or zmq.Context.instance()
+        self.kv = KVStore()
+        self.node = RaftNode(cfg, self.kv, self.ctx)
+        self.clients = self.ctx.socket(zmq.ROUTER)
+        self.clients.setsockopt(zmq.LINGER, 0)
+        self.clients.setsockopt(zmq.RCVHWM, 100_000)
+        self.clients.setsockopt(zmq.SNDHWM, 100_000)
+        self.clients.setsockopt(zmq.MAXMSGSIZE, 1 << 20)
+        self.clients.bind(client_bind)
+        self.running = True
+        self.stopping_since = 0.0
+        self._packer = msgpack.Packer(use_bin_type=True)
+
+    def serve_forever(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self.node.socket, zmq.POLLIN)
+        poller.register(self.clients, zmq.POLLIN)
+        while self.running:
+            events = dict(poller.poll(self.node.next_timeout_ms()))
+            if self.node.socket in events:
+                self.node.on_readable()
+            if self.clients in events:
+                self._on_clients()
+            self.node.on_timer()
+            self.node.process()
+            if self.stopping_since:
+                self._continue_stop()
+        self.node.close()
+        self.clients.close(0)
+
+    def stop(self) -> None:
+        """Graceful stop: a leader hands leadership over first (bounded wait)."""
+        if self.stopping_since:
+            return
+        self.stopping_since = time.monotonic()
+        if self.node.is_leader:
+            target = self.node.transfer_leadership()
+            log.info("event=stop_transfer node=%d to=%d", self.node.cfg.node_id, target)
+
+    def _continue_stop(self) -> None:
+        waited = time.monotonic() - self.stopping_since
+        if not self.node.is_leader or waited > 2.0:
+            self.running = False
+
+    def _on_clients(self) -> None:
+        for _ in range(10_000):
+            try:
+                ident, payload = self.clients.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            except ValueError:  # wrong number of frames
+                continue
+            try:
+                req_id, op, key, value = msgpack.unpackb(payload)
+                if not isinstance(key, str):
+                    raise TypeError("key must be a string")
+            except Exception as exc:
+                self._reply(ident, None, "error", f"malformed request: {exc}")
+                continue
+            self._handle(ident, req_id, op, key, value)
+
+    def _handle(self, ident: bytes, req_id: object, op: object, key: str, value: object):
+        if op in WRITE_OPS:
+            def done(result: object, err: Exception | None) -> None:
+                self._answer(ident, req_id, result, err)
+            self.node.propose(msgpack.packb([op, key, value]), done)
+        elif op == "get":
+            def read_done(_: object, err: Exception | None) -> None:
+                self._answer(ident, req_id, None if err else self.kv.get(key), err)
+            self.node.read(read_done)
+        elif op == "local_get":
+            self._reply(ident, req_id, "ok", self.kv.get(key))
+        elif op == "status":
+            self._reply(ident, req_id, "ok", self.node.status())
+        else:
+            self._reply(ident, req_id, "error", f"unknown op {op!r}")
+
+    def _answer(self, ident: bytes, req_id: object, result: object, err: Exception | None):
+        if err is None:
+            self._reply(ident, req_id, "ok", result)
+        elif isinstance(err, NotLeader):
+            self._reply(ident, req_id, "not_leader", str(err), err.leader)
+        else:
+            self._reply(ident, req_id, "error", str(err))
+
+    def _reply(self, ident: bytes, req_id: object, code: str, value: object,
+               leader: int | None = None) -> None:
+        hint = self.node.leader if leader is None else leader
+        try:
+            self.clients.send_multipart([ident, self._packer.pack([req_id, code, value, hint])],
+                                        zmq.NOBLOCK)
+        except zmq.Again:
+            pass  # the client stopped reading; it will time out and retry
+
+
+def run(cfg: NodeConfig, client_bind: str) -> None:
+    server = KVServer(cfg, client_bind)
+    signal.signal(signal.SIGTERM, lambda *_: server.stop())
+    signal.signal(signal.SIGINT, lambda *_: server.stop())
+    log.info("event=serving node=%d raft=%s clients=%s", cfg.node_id, cfg.bind, client_bind)
+    server.serve_forever()

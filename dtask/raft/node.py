@@ -1,0 +1,331 @@
+"""The Raft node driver: joins the pure core to disk, ZeroMQ and a state machine.
+
+It is a component of its daemon's single `zmq.Poller` loop, not a thread: the
+daemon polls `node.socket` with `node.next_timeout_ms()`, and calls `on_readable()`,
+`on_timer()` and finally `process()` once per loop turn. `process()` hands all the
+turn's proposals to the core as one batch and makes everything durable with one
+fsync (group commit), then sends, applies and resolves callbacks.
+
+Callbacks are `callback(result, error)`; exactly one of them is meaningful. A
+proposal fails with `NotLeader` as soon as this node stops leading: its entry may
+still commit later under the new leader, so clients retry with idempotency keys.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+import msgpack
+import zmq
+
+from .core import Config, NotLeader, ProposalRejected, Raft, Ready, bootstrap_snapshot
+from .messages import ConfChange, ConfChangeType, Entry, EntryType, MsgType
+from .progress import Role
+from .storage import DiskStorage
+from .transport import Transport
+
+log = logging.getLogger("dtask.raft.node")
+
+Callback = Callable[[object, Exception | None], None]
+EARLY_SEND = {MsgType.APPEND, MsgType.HEARTBEAT, MsgType.SNAPSHOT, MsgType.TIMEOUT_NOW}
+
+
+class StateMachine(Protocol):
+    def apply(self, index: int, command: bytes) -> object: ...
+    def snapshot(self) -> bytes: ...
+    def restore(self, data: bytes) -> None: ...
+
+
+@dataclass(slots=True)
+class NodeConfig:
+    node_id: int
+    data_dir: str
+    bind: str  # this node's Raft address, e.g. tcp://127.0.0.1:7201
+    peers: dict[int, str]  # founding members (id -> Raft address), ourselves included
+    join: bool = False  # start empty and wait to be added by the leader
+    tick_ms: int = 10
+    election_ticks: int = 20  # 200-400 ms randomized
+    heartbeat_ticks: int = 5
+    snapshot_every: int = 50_000  # applied entries between snapshots
+    keep_entries: int = 5_000  # kept behind a snapshot for slightly slow followers
+    segment_bytes: int = 64 << 20
+
+
+class RaftNode:
+    def __init__(self, cfg: NodeConfig, sm: StateMachine, ctx: zmq.Context | None = None,
+                 on_role_change: Callable[[Role, int, int], None] | None = None) -> None:
+        self.cfg = cfg
+        self.sm = sm
+        self.on_role_change = on_role_change
+        self.storage = DiskStorage(os.path.join(cfg.data_dir, "raft"),
+                                   segment_bytes=cfg.segment_bytes)
+        hs, snap, entries = self.storage.load()
+        if snap is None and not entries and not cfg.join:
+            snap = bootstrap_snapshot(sorted(cfg.peers), _wrap(cfg.peers, sm.snapshot()))
+            self.storage.install_snapshot(snap)
+            log.info("event=bootstrap node=%d voters=%s", cfg.node_id, sorted(cfg.peers))
+        self.addresses: dict[int, str] = dict(cfg.peers)
+        if snap is not None:
+            addresses, app = _unwrap(snap.data)
+            self.addresses.update(addresses)
+            sm.restore(app)
+        self._note_addresses(entries)
+        self.raft = Raft(Config(cfg.node_id, election_ticks=cfg.election_ticks,
+                                heartbeat_ticks=cfg.heartbeat_ticks),
+                         hs, snap.meta if snap else None, entries, snap.data if snap else b"")
+        self.snapshot_index = snap.meta.index if snap else 0
+        self.transport = Transport(ctx or zmq.Context.instance(), cfg.node_id, cfg.bind,
+                                   self._peer_addresses())
+        self.socket = self.transport.router
+        self._proposals: list[tuple[bytes, Callback]] = []
+        self._pending: dict[int, tuple[int, Callback]] = {}  # index -> (term, callback)
+        self._reads: list[Callback] = []
+        self._read_rounds: dict[bytes, list[Callback]] = {}
+        self._reads_waiting_apply: list[tuple[int, list[Callback]]] = []
+        self._read_seq = 0
+        self._next_tick = time.monotonic() + cfg.tick_ms / 1000
+        self._role, self._term, self._members = self.raft.role, self.raft.term, self.raft.conf
+        log.info("event=start node=%d term=%d last_index=%d snapshot=%d", cfg.node_id,
+                 self.raft.term, self.raft.log.last_index(), self.snapshot_index)
+
+    # ------------------------------------------------------------------ API
+
+    @property
+    def is_leader(self) -> bool:
+        return self.raft.role == Role.LEADER
+
+    @property
+    def leader(self) -> int:
+        return self.raft.leader
+
+    def propose(self, data: bytes, callback: Callback) -> None:
+        """Queue a command; it joins this loop turn's batch. Fails fast on a follower."""
+        if self.raft.role != Role.LEADER:
+            callback(None, NotLeader(self.raft.leader))
+            return
+        self._proposals.append((data, callback))
+
+    def read(self, callback: Callback) -> None:
+        """Call back (None, None) once a linearizable read of the state machine is safe."""
+        if self.raft.role != Role.LEADER:
+            callback(None, NotLeader(self.raft.leader))
+            return
+        self._reads.append(callback)
+
+    def change_membership(self, kind: ConfChangeType, node_id: int, address: str = "",
+                          callback: Callback | None = None) -> None:
+        cc = ConfChange(kind, node_id, address.encode())
+        try:
+            term, index = self.raft.propose_conf_change(cc)
+        except (NotLeader, ProposalRejected) as exc:
+            if callback:
+                callback(None, exc)
+            return
+        if callback:
+            self._pending[index] = (term, callback)
+
+    def transfer_leadership(self, to: int = 0) -> int:
+        """Hand leadership to `to` (0: the most up-to-date voter); returns the target."""
+        if not to:
+            prs = self.raft.prs
+            others = [v for v in self.raft.conf.voters if v != self.raft.id and v in prs]
+            if not others:
+                return 0
+            to = max(others, key=lambda v: prs[v].match)
+        self.raft.transfer_leadership(to)
+        return to
+
+    def status(self) -> dict:
+        st = self.raft.status()
+        st.update(pid=os.getpid(), snapshot_index=self.snapshot_index,
+                  transport=dict(self.transport.counters))
+        return st
+
+    # ------------------------------------------------------------------ loop hooks
+
+    def next_timeout_ms(self) -> int:
+        return max(0, int((self._next_tick - time.monotonic()) * 1000) + 1)
+
+    def on_readable(self) -> None:
+        for m in self.transport.recv():
+            self.raft.step(m)
+
+    def on_timer(self) -> None:
+        now = time.monotonic()
+        tick = self.cfg.tick_ms / 1000
+        n = 0
+        while now >= self._next_tick and n < 3:
+            self.raft.tick()
+            self._next_tick += tick
+            n += 1
+        if now >= self._next_tick:  # we were stalled: don't fire a burst of ticks
+            self._next_tick = now + tick
+
+    def process(self) -> None:
+        self._flush_proposals()
+        self._flush_reads()
+        for _ in range(4):  # advance() can make more ready work (a leader's own ack)
+            if not self.raft.has_ready():
+                break
+            self._handle_ready(self.raft.ready())
+
+    def close(self) -> None:
+        self._fail_all(NotLeader(0, "node stopped"))
+        self.transport.close()
+        self.storage.close()
+
+    # ------------------------------------------------------------------ internals
+
+    def _flush_proposals(self) -> None:
+        if not self._proposals:
+            return
+        batch, self._proposals = self._proposals, []
+        try:
+            term, first, _ = self.raft.propose([d for d, _ in batch])
+        except NotLeader as exc:
+            for _, cb in batch:
+                cb(None, exc)
+            return
+        for i, (_, cb) in enumerate(batch):
+            self._pending[first + i] = (term, cb)
+
+    def _flush_reads(self) -> None:
+        if not self._reads:
+            return
+        batch, self._reads = self._reads, []
+        self._read_seq += 1
+        ctx = self._read_seq.to_bytes(8, "big")
+        try:
+            self.raft.read_index(ctx)
+        except NotLeader as exc:
+            for cb in batch:
+                cb(None, exc)
+            return
+        self._read_rounds[ctx] = batch
+
+    def _handle_ready(self, rd: Ready) -> None:
+        early = [m for m in rd.messages if m.type in EARLY_SEND]
+        self.transport.send(early)
+        self._persist(rd)
+        self.transport.send([m for m in rd.messages if m.type not in EARLY_SEND])
+        if rd.snapshot is not None:
+            addresses, app = _unwrap(rd.snapshot.data)
+            self.addresses.update(addresses)
+            self.sm.restore(app)
+            self.snapshot_index = rd.snapshot.meta.index
+            log.info("event=snapshot_installed node=%d index=%d", self.cfg.node_id,
+                     self.snapshot_index)
+        for e in rd.committed_entries:
+            self._apply(e)
+        for ctx, index in rd.read_states:
+            cbs = self._read_rounds.pop(ctx, None)
+            if cbs:
+                self._reads_waiting_apply.append((index, cbs))
+        self.raft.advance(rd)
+        self._serve_reads()
+        self._after_state_change()
+        if self.raft.log.applied - self.snapshot_index >= self.cfg.snapshot_every:
+            self._take_snapshot()
+
+    def _persist(self, rd: Ready) -> None:
+        if rd.hard_state is not None:
+            self.storage.save_hard_state(rd.hard_state)
+        if rd.snapshot is not None:
+            self.storage.install_snapshot(rd.snapshot)
+        if rd.entries:
+            self.storage.append(rd.entries)
+            self._note_addresses(rd.entries)
+            self.storage.sync()  # one fsync for the whole turn
+
+    def _apply(self, e: Entry) -> None:
+        result: object = None
+        error: Exception | None = None
+        if e.type == EntryType.NORMAL and e.data:
+            try:
+                result = self.sm.apply(e.index, e.data)
+            except Exception as exc:  # a bad command must not kill the replica
+                log.exception("event=apply_failed node=%d index=%d", self.cfg.node_id, e.index)
+                error = exc
+        pending = self._pending.pop(e.index, None)
+        if pending is not None:
+            term, cb = pending
+            if term == e.term:
+                cb(result, error)
+            else:
+                cb(None, NotLeader(self.raft.leader, "entry was overwritten by a new leader"))
+
+    def _serve_reads(self) -> None:
+        applied = self.raft.log.applied
+        still = []
+        for index, cbs in self._reads_waiting_apply:
+            if index <= applied:
+                for cb in cbs:
+                    cb(None, None)
+            else:
+                still.append((index, cbs))
+        self._reads_waiting_apply = still
+
+    def _after_state_change(self) -> None:
+        role, term = self.raft.role, self.raft.term
+        if (role, term) != (self._role, self._term):
+            if self._role == Role.LEADER:
+                self._fail_all(NotLeader(self.raft.leader, "leadership lost"))
+            log.info("event=role node=%d role=%s term=%d leader=%d", self.cfg.node_id,
+                     role.name.lower(), term, self.raft.leader)
+            self._role, self._term = role, term
+            if self.on_role_change:
+                self.on_role_change(role, term, self.raft.leader)
+        if self.raft.conf != self._members:
+            self._members = self.raft.conf
+            self.transport.set_peers(self._peer_addresses())
+            log.info("event=membership node=%d voters=%s learners=%s", self.cfg.node_id,
+                     list(self._members.voters), list(self._members.learners))
+
+    def _fail_all(self, exc: Exception) -> None:
+        pending = [cb for _, cb in self._pending.values()] + [cb for _, cb in self._proposals]
+        pending += [cb for cbs in self._read_rounds.values() for cb in cbs]
+        pending += [cb for _, cbs in self._reads_waiting_apply for cb in cbs] + self._reads
+        self._pending, self._proposals, self._reads = {}, [], []
+        self._read_rounds, self._reads_waiting_apply = {}, []
+        for cb in pending:
+            cb(None, exc)
+
+    def _take_snapshot(self) -> None:
+        applied = self.raft.log.applied
+        data = _wrap(self.addresses, self.sm.snapshot())
+        snap = self.raft.create_snapshot(applied, data, keep_entries=self.cfg.keep_entries)
+        self.storage.save_snapshot(snap)
+        self.storage.compact(self.raft.log.offset)
+        self.snapshot_index = applied
+        log.info("event=snapshot node=%d index=%d bytes=%d", self.cfg.node_id, applied,
+                 len(data))
+
+    def _note_addresses(self, entries: list[Entry]) -> None:
+        """A learner's address travels in its ConfChange; learn it as soon as it is logged."""
+        for e in entries:
+            if e.type == EntryType.CONF_CHANGE:
+                cc = ConfChange.decode(e.data)
+                if cc.context:
+                    self.addresses[cc.node_id] = cc.context.decode()
+
+    def _peer_addresses(self) -> dict[int, str]:
+        members = set(self.raft.conf.members()) if hasattr(self, "raft") else set(self.addresses)
+        return {n: a for n, a in self.addresses.items() if n in members}
+
+
+def _wrap(addresses: dict[int, str], app: bytes) -> bytes:
+    # Sorted, so every founder writes a byte-identical bootstrap snapshot.
+    book = {int(k): addresses[k] for k in sorted(addresses)}
+    return msgpack.packb([book, app], use_bin_type=True)
+
+
+def _unwrap(data: bytes) -> tuple[dict[int, str], bytes]:
+    if not data:
+        return {}, b""
+    addresses, app = msgpack.unpackb(data, strict_map_key=False)
+    return dict(addresses), app
