@@ -49,7 +49,8 @@ def dev(data_dir: str, base_port: int, log_level: str) -> None:
 
 
 @main.command("raft-node")
-@click.option("--id", "node_id", type=int, required=True, help="This node's id (a positive integer).")
+@click.option("--id", "node_id", type=click.IntRange(min=1), required=True,
+              help="This node's id (a positive integer).")
 @click.option("--data-dir", required=True, type=click.Path(file_okay=False))
 @click.option("--raft", "raft_bind", required=True, help="Raft address to bind, tcp://HOST:PORT.")
 @click.option("--client", "client_bind", required=True, help="Client address to bind.")

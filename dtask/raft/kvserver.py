@@ -6,6 +6,7 @@ daemon is built the same way, with its own state machine and protocol.
 
 Client protocol (DEALER -> ROUTER, one frame per request, msgpack):
   request  [req_id, op, key, value]   op: put | append | cas | get | local_get | status
+                                      | add_learner | promote | remove | transfer
   reply    [req_id, code, value, leader_id]   code: ok | not_leader | error
 `get` is linearizable (ReadIndex); `local_get` reads this replica's state as it is.
 Clients pipeline requests: replies carry the request id and may come out of order.
@@ -13,6 +14,7 @@ Clients pipeline requests: replies carry the request id and may come out of orde
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
 import time
@@ -22,11 +24,15 @@ import zmq
 
 from .core import NotLeader
 from .kv import KVStore
+from .messages import ConfChangeType
 from .node import NodeConfig, RaftNode
 
 log = logging.getLogger("dtask.raft.kvserver")
 
 WRITE_OPS = {"put", "append", "cas"}
+# value = [node_id, raft_address]; the address matters for adding a learner only.
+MEMBER_OPS = {"add_learner": ConfChangeType.ADD_LEARNER, "promote": ConfChangeType.PROMOTE,
+              "remove": ConfChangeType.REMOVE}
 
 
 class KVServer:
@@ -105,6 +111,16 @@ class KVServer:
             self._reply(ident, req_id, "ok", self.kv.get(key))
         elif op == "status":
             self._reply(ident, req_id, "ok", self.node.status())
+        elif op in MEMBER_OPS:
+            def changed(_: object, err: Exception | None) -> None:
+                self._answer(ident, req_id, None, err)
+            node_id, address = (value or [0, ""])[:2] if isinstance(value, list) else (0, "")
+            self.node.change_membership(MEMBER_OPS[op], int(node_id), str(address), changed)
+        elif op == "transfer":
+            try:
+                self._reply(ident, req_id, "ok", self.node.transfer_leadership(int(value or 0)))
+            except Exception as exc:
+                self._answer(ident, req_id, None, exc)
         else:
             self._reply(ident, req_id, "error", f"unknown op {op!r}")
 
@@ -119,11 +135,10 @@ class KVServer:
     def _reply(self, ident: bytes, req_id: object, code: str, value: object,
                leader: int | None = None) -> None:
         hint = self.node.leader if leader is None else leader
-        try:
-            self.clients.send_multipart([ident, self._packer.pack([req_id, code, value, hint])],
-                                        zmq.NOBLOCK)
-        except zmq.Again:
-            pass  # the client stopped reading; it will time out and retry
+        frame = self._packer.pack([req_id, code, value, hint])
+        # A client that stopped reading loses the reply; it times out and retries.
+        with contextlib.suppress(zmq.Again):
+            self.clients.send_multipart([ident, frame], zmq.NOBLOCK)
 
 
 def run(cfg: NodeConfig, client_bind: str) -> None:

@@ -282,7 +282,7 @@ class RaftNode:
                 self.on_role_change(role, term, self.raft.leader)
         if self.raft.conf != self._members:
             self._members = self.raft.conf
-            self.transport.set_peers(self._peer_addresses())
+            self.transport.set_peers(self._peer_addresses())  # a new member's address
             log.info("event=membership node=%d voters=%s learners=%s", self.cfg.node_id,
                      list(self._members.voters), list(self._members.learners))
 
@@ -314,8 +314,9 @@ class RaftNode:
                     self.addresses[cc.node_id] = cc.context.decode()
 
     def _peer_addresses(self) -> dict[int, str]:
-        members = set(self.raft.conf.members()) if hasattr(self, "raft") else set(self.addresses)
-        return {n: a for n, a in self.addresses.items() if n in members}
+        # Everyone in the address book, not only current members: a joining node must
+        # answer the leader before it knows the configuration.
+        return dict(self.addresses)
 
 
 def _wrap(addresses: dict[int, str], app: bytes) -> bytes:

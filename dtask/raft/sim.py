@@ -32,7 +32,6 @@ from .linearizability import Operation, check_kv
 from .messages import (
     ConfChange,
     ConfChangeType,
-    ConfState,
     Entry,
     EntryType,
     HardState,
