@@ -16,7 +16,7 @@ import zmq
 
 from dtask.raft.kvclient import KVError
 
-from .raft_cluster import Cluster
+from dtask.raft.localcluster import Cluster
 
 pytestmark = pytest.mark.slow
 

@@ -138,7 +138,8 @@ class Raft:
         self.reads_before_commit: list[bytes] = []  # until this term's first commit
         self.read_states: list[tuple[bytes, int]] = []
         self.pending_snapshot: Snapshot | None = None  # received, to hand to the driver
-        self.incoming_snap: tuple[int, int, bytearray] | None = None  # (index, term, bytes)
+        # (index, term, sender, sender's term, bytes so far) of a snapshot being received
+        self.incoming_snap: tuple[int, int, int, int, bytearray] | None = None
         self.become_follower(self.term, 0)
 
     # ------------------------------------------------------------------ inputs
@@ -430,19 +431,21 @@ class Raft:
                            reject=True, reject_hint=hint, log_term=self.log.term(hint) or 0))
 
     def _handle_snapshot_chunk(self, m: Message) -> None:
-        key = (m.index, m.log_term)
+        # Snapshots are opaque bytes: two leaders' snapshots at the same index may differ,
+        # so a transfer resumes only with the same sender in the same term.
+        key = (m.index, m.log_term, m.frm, m.term)
         if m.index <= self.log.committed:
             # We already have everything it covers: tell the leader where we are.
             self.incoming_snap = None
             self._send(Message(MsgType.APPEND_RESP, m.frm, self.id, self.term,
                                index=self.log.committed))
             return
-        if self.incoming_snap is None or self.incoming_snap[:2] != key:
+        if self.incoming_snap is None or self.incoming_snap[:4] != key:
             if m.offset != 0:
                 self._snap_resp(m, 0)  # we lost the start: ask for it again
                 return
-            self.incoming_snap = (m.index, m.log_term, bytearray())
-        buf = self.incoming_snap[2]
+            self.incoming_snap = (*key, bytearray())
+        buf = self.incoming_snap[4]
         if m.offset == len(buf):
             buf += m.chunk
             if m.last_chunk:
@@ -532,7 +535,8 @@ class Raft:
                 self._send_append(m.frm)
             return
         old_paused = pr.paused()
-        updated = pr.maybe_update(m.index)
+        # A probe answered at exactly the known match is news too: the logs agree there.
+        updated = pr.maybe_update(m.index) or (pr.state == PROBE and m.index == pr.match)
         if pr.state == SNAPSHOT and pr.snapshot and pr.match >= pr.snapshot.meta.index:
             pr.become_probe()  # installed (possibly acknowledged before): resume appends
             updated = True
@@ -643,7 +647,7 @@ class Raft:
     # ------------------------------------------------------------------ reads
 
     def _start_read(self, ctx: bytes) -> None:
-        if len(self.conf.voters) == 1:
+        if self.conf.voters == (self.id,):  # not len() == 1: we may be removing ourselves
             self.read_states.append((ctx, self.log.committed))
             return
         self.pending_reads.append((ctx, self.log.committed, {self.id}))

@@ -6,7 +6,7 @@ daemon is built the same way, with its own state machine and protocol.
 
 Client protocol (DEALER -> ROUTER, one frame per request, msgpack):
   request  [req_id, op, key, value]   op: put | append | cas | get | local_get | status
-                                      | add_learner | promote | remove | transfer
+                                      | put_many | add_learner | promote | remove | transfer
   reply    [req_id, code, value, leader_id]   code: ok | not_leader | error
 `get` is linearizable (ReadIndex); `local_get` reads this replica's state as it is.
 Clients pipeline requests: replies carry the request id and may come out of order.
@@ -103,6 +103,8 @@ class KVServer:
             def done(result: object, err: Exception | None) -> None:
                 self._answer(ident, req_id, result, err)
             self.node.propose(msgpack.packb([op, key, value]), done)
+        elif op == "put_many":
+            self._put_many(ident, req_id, value)
         elif op == "get":
             def read_done(_: object, err: Exception | None) -> None:
                 self._answer(ident, req_id, None if err else self.kv.get(key), err)
@@ -123,6 +125,26 @@ class KVServer:
                 self._answer(ident, req_id, None, exc)
         else:
             self._reply(ident, req_id, "error", f"unknown op {op!r}")
+
+    def _put_many(self, ident: bytes, req_id: object, pairs: object) -> None:
+        """Many puts in one request, each its own log entry; one reply when all commit."""
+        if not isinstance(pairs, list) or not pairs:
+            self._reply(ident, req_id, "error", "put_many needs a list of [key, value]")
+            return
+        left = len(pairs)
+        failed: list[Exception] = []
+
+        def one_done(_: object, err: Exception | None) -> None:
+            nonlocal left
+            left -= 1
+            if err is not None:
+                failed.append(err)
+            if left == 0:
+                self._answer(ident, req_id, len(pairs) if not failed else None,
+                             failed[0] if failed else None)
+
+        for pair in pairs:
+            self.node.propose(msgpack.packb(["put", *pair]), one_done)
 
     def _answer(self, ident: bytes, req_id: object, result: object, err: Exception | None):
         if err is None:

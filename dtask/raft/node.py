@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -88,6 +89,9 @@ class RaftNode:
         self._read_rounds: dict[bytes, list[Callback]] = {}
         self._reads_waiting_apply: list[tuple[int, list[Callback]]] = []
         self._read_seq = 0
+        # Proposal batch -> applied on this leader, for the last entry of each batch.
+        self._commit_timer: dict[int, float] = {}
+        self.commit_latency: deque[float] = deque(maxlen=1000)
         self._next_tick = time.monotonic() + cfg.tick_ms / 1000
         self._role, self._term, self._members = self.raft.role, self.raft.term, self.raft.conf
         log.info("event=start node=%d term=%d last_index=%d snapshot=%d", cfg.node_id,
@@ -142,8 +146,12 @@ class RaftNode:
 
     def status(self) -> dict:
         st = self.raft.status()
+        lat = sorted(self.commit_latency)
         st.update(pid=os.getpid(), snapshot_index=self.snapshot_index,
-                  transport=dict(self.transport.counters))
+                  transport=dict(self.transport.counters),
+                  commit_latency_ms={"p50": round(lat[len(lat) // 2] * 1e3, 3) if lat else None,
+                                     "p99": round(lat[int(len(lat) * 0.99)] * 1e3, 3)
+                                     if lat else None, "samples": len(lat)})
         return st
 
     # ------------------------------------------------------------------ loop hooks
@@ -193,6 +201,7 @@ class RaftNode:
             return
         for i, (_, cb) in enumerate(batch):
             self._pending[first + i] = (term, cb)
+        self._commit_timer[first + len(batch) - 1] = time.perf_counter()
 
     def _flush_reads(self) -> None:
         if not self._reads:
@@ -251,6 +260,9 @@ class RaftNode:
             except Exception as exc:  # a bad command must not kill the replica
                 log.exception("event=apply_failed node=%d index=%d", self.cfg.node_id, e.index)
                 error = exc
+        started = self._commit_timer.pop(e.index, None)
+        if started is not None:
+            self.commit_latency.append(time.perf_counter() - started)
         pending = self._pending.pop(e.index, None)
         if pending is not None:
             term, cb = pending
@@ -287,6 +299,7 @@ class RaftNode:
                      list(self._members.voters), list(self._members.learners))
 
     def _fail_all(self, exc: Exception) -> None:
+        self._commit_timer.clear()
         pending = [cb for _, cb in self._pending.values()] + [cb for _, cb in self._proposals]
         pending += [cb for cbs in self._read_rounds.values() for cb in cbs]
         pending += [cb for _, cbs in self._reads_waiting_apply for cb in cbs] + self._reads
