@@ -79,6 +79,53 @@ def raft_node(node_id: int, data_dir: str, raft_bind: str, client_bind: str, pee
         sys.exit(2)
 
 
+def _parse_scheduler_peers(text: str) -> dict[int, tuple[str, str]]:
+    peers: dict[int, tuple[str, str]] = {}
+    for part in filter(None, text.split(",")):
+        node_id, sep, addrs = part.partition("=")
+        raft, at, client = addrs.partition("@")
+        if not (sep and at and node_id.strip().isdigit() and raft.startswith("tcp://")
+                and client.startswith("tcp://")):
+            raise click.BadParameter(f"{part!r} is not ID=tcp://HOST:RAFTPORT@tcp://HOST:PORT",
+                                     param_hint="--peers")
+        peers[int(node_id)] = (raft.strip(), client.strip())
+    if not peers:
+        raise click.BadParameter("at least one peer is needed", param_hint="--peers")
+    return peers
+
+
+@main.command()
+@click.option("--id", "node_id", type=click.IntRange(min=1), required=True)
+@click.option("--data-dir", required=True, type=click.Path(file_okay=False))
+@click.option("--raft", "raft_bind", required=True, help="Raft address to bind.")
+@click.option("--client", "client_bind", required=True,
+              help="Client and worker address to bind.")
+@click.option("--peers", required=True,
+              help="Founding schedulers: ID=tcp://HOST:RAFTPORT@tcp://HOST:CLIENTPORT,...")
+@click.option("--join", is_flag=True, help="Start empty and wait to be added.")
+@click.option("--worker-timeout", default=5.0, show_default=True,
+              help="Seconds without a heartbeat before a worker's tasks are retried.")
+@click.option("--log-level", default="info", show_default=True)
+def scheduler(node_id: int, data_dir: str, raft_bind: str, client_bind: str, peers: str,
+              join: bool, worker_timeout: float, log_level: str) -> None:
+    """Run one scheduler daemon (a Raft member that dispatches when it leads)."""
+    from .broker.server import SchedulerConfig, run
+    from .raft.log import CorruptLogError
+
+    _setup_logging(log_level)
+    cfg = SchedulerConfig(node_id, data_dir, raft_bind, client_bind,
+                          _parse_scheduler_peers(peers), join=join,
+                          worker_timeout=worker_timeout)
+    try:
+        run(cfg)
+    except CorruptLogError as exc:
+        click.echo(f"dtask: refusing to start: {exc}", err=True)
+        sys.exit(2)
+    except (OSError, zmq.ZMQError) as exc:
+        click.echo(f"dtask: cannot start scheduler {node_id}: {exc}", err=True)
+        sys.exit(2)
+
+
 @main.command()
 @click.option("--endpoints", envvar="DTASK_ENDPOINTS",
               default=",".join(f"tcp://127.0.0.1:{DEFAULT_BASE_PORT + i}" for i in range(3)),

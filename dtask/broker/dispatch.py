@@ -1,0 +1,223 @@
+"""The leader's dispatch state: ready queues, timers, workers and their credits.
+
+None of this is replicated. A new leader builds it from the state machine alone
+(`rebuild`), then keeps it in step with `sync(task_id)` after every apply. Ready
+tasks wait in one Cython `ReadyQueue` per route (queue, labels, type): a worker
+serves a route when it listens on the queue, has all the labels and offers the
+executor. Timers (eta, retry backoff, lease deadlines) live in one `TimerQueue`.
+"""
+
+from __future__ import annotations
+
+import heapq
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from .. import protocol as p
+from .._fastqueue import ReadyQueue, TimerQueue
+from ..protocol import RetryPolicy
+from .state import Task, TaskState
+
+Route = tuple[str, tuple[str, ...], str]  # (queue, sorted labels, task type)
+LEASE_PREFIX = "lease:"
+
+
+@dataclass(slots=True)
+class WorkerInfo:
+    id: str
+    ident: bytes  # the worker's ROUTER identity: where RUN and KILL go
+    host: str = ""
+    pid: int = 0
+    concurrency: int = 0
+    queues: frozenset[str] = frozenset()
+    labels: frozenset[str] = frozenset()
+    executors: frozenset[str] = frozenset()
+    credits: int = 0
+    last_seen: float = 0.0  # time.monotonic()
+    registered: bool = True  # False: known only from the state (a RUNNING lease)
+    running: set[str] = field(default_factory=set)
+
+    def serves(self, route: Route) -> bool:
+        queue, labels, ttype = route
+        return (queue in self.queues and ttype in self.executors
+                and all(label in self.labels for label in labels))
+
+
+def backoff_us(retry: RetryPolicy, attempt: int, rng: random.Random) -> int:
+    """Delay before retry number `attempt` (1-based): exponential, capped, jittered."""
+    delay = min(retry.initial * retry.multiplier ** (attempt - 1), retry.max_delay)
+    if retry.jitter:
+        delay *= 1 + rng.uniform(-retry.jitter, retry.jitter)
+    return int(max(delay, 0) * 1e6)
+
+
+class Dispatcher:
+    def __init__(self, state: TaskState, worker_timeout: float, lease_grace: float,
+                 clock_us: Callable[[], int] | None = None) -> None:
+        self.state = state
+        self.clock_us = clock_us or _now_us  # wall clock in µs; tests pass a fake one
+        self.worker_timeout = worker_timeout
+        self.lease_grace = lease_grace
+        self.ready: dict[Route, ReadyQueue] = {}
+        self.route_of: dict[str, Route] = {}  # task id -> its ready queue, while queued
+        self.timers = TimerQueue()
+        self.workers: dict[str, WorkerInfo] = {}
+        self.leasing: set[str] = set()  # lease proposed, not applied yet
+        self.worker_of: dict[str, str] = {}  # running task id -> worker id
+        self.rng = random.Random()
+
+    # ------------------------------------------------------------------ state sync
+
+    def rebuild(self) -> None:
+        """Take over as leader: index every live task; expect its workers back."""
+        now = time.monotonic()
+        for status in (p.PENDING, p.SCHEDULED, p.RETRYING, p.RUNNING):
+            for task_id in list(self.state.ids_with_status(status)):
+                self.sync(task_id, now)
+
+    def sync(self, task_id: str, now: float | None = None) -> None:
+        """Bring the queues in line with the task's replicated state."""
+        self._unqueue(task_id)
+        self.timers.remove(task_id)
+        self.timers.remove(LEASE_PREFIX + task_id)
+        self._forget_running(task_id)
+        task = self.state.get(task_id)
+        if task is None or task.status in p.TERMINAL:
+            return
+        if task.status == p.RUNNING:
+            self._track_running(task, now or time.monotonic())
+        elif task.status == p.PENDING or task.run_at_us <= self.clock_us():
+            self._enqueue(task)
+        else:
+            self.timers.push(task_id, task.run_at_us)
+
+    def _enqueue(self, task: Task) -> None:
+        if task.id in self.leasing or task.cancel_requested:
+            return
+        route = (task.queue, tuple(sorted(task.labels)), task.type)
+        q = self.ready.get(route)
+        if q is None:
+            q = self.ready[route] = ReadyQueue()
+        q.push(task.id, task.priority, task.seq)
+        self.route_of[task.id] = route
+
+    def _unqueue(self, task_id: str) -> None:
+        route = self.route_of.pop(task_id, None)
+        if route is not None:
+            self.ready[route].remove(task_id)
+
+    def _track_running(self, task: Task, now: float) -> None:
+        attempt = task.current()
+        assert attempt is not None
+        worker = self.workers.get(attempt.worker)
+        if worker is None:
+            # Known only from the log (we just became leader): it has worker_timeout
+            # to register again before its leases are revoked.
+            worker = self.workers[attempt.worker] = WorkerInfo(
+                attempt.worker, b"", last_seen=now, registered=False)
+        worker.running.add(task.id)
+        self.worker_of[task.id] = worker.id
+        if attempt.deadline_us:
+            self.timers.push(LEASE_PREFIX + task.id, attempt.deadline_us)
+
+    def _forget_running(self, task_id: str) -> None:
+        worker_id = self.worker_of.pop(task_id, None)
+        if worker_id is not None and worker_id in self.workers:
+            self.workers[worker_id].running.discard(task_id)
+
+    # ------------------------------------------------------------------ time
+
+    def next_due_us(self) -> int | None:
+        return self.timers.next_due()
+
+    def fire_timers(self, now_us: int) -> list[tuple[str, int, str, str]]:
+        """Due etas and backoffs make tasks ready; due leases become expirations."""
+        expired = []
+        for key in self.timers.pop_due(now_us):
+            if key.startswith(LEASE_PREFIX):
+                task = self.state.get(key[len(LEASE_PREFIX):])
+                if task is not None and task.status == p.RUNNING:
+                    expired.append((task.id, task.attempt, p.TIMED_OUT,
+                                    "lease deadline passed (timeout + grace)"))
+            else:
+                task = self.state.get(key)
+                if task is not None and task.status in (p.SCHEDULED, p.RETRYING):
+                    self._enqueue(task)
+        return expired
+
+    def dead_workers(self, now: float) -> list[WorkerInfo]:
+        """Workers silent for longer than worker_timeout: forget them."""
+        dead = [w for w in self.workers.values() if now - w.last_seen > self.worker_timeout]
+        for w in dead:
+            del self.workers[w.id]
+        return dead
+
+    # ------------------------------------------------------------------ workers
+
+    def register(self, info: WorkerInfo) -> WorkerInfo:
+        old = self.workers.get(info.id)
+        if old is not None:
+            info.running = old.running  # leases survive a re-registration
+        self.workers[info.id] = info
+        return info
+
+    def retry_at_us(self, task: Task, now_us: int) -> int:
+        return now_us + backoff_us(task.retry, task.attempt, self.rng)
+
+    # ------------------------------------------------------------------ dispatch
+
+    def assign(self, now_us: int) -> list[tuple[str, int, str, int]]:
+        """Match ready tasks to free worker slots: most free slots first, best task first.
+
+        Returns leases to propose: (task id, attempt, worker id, deadline_us). The
+        tasks leave the ready queues now and come back if the lease is refused.
+        """
+        if not self.route_of:
+            return []
+        heap = [(-w.credits, w.id) for w in self.workers.values() if w.registered and w.credits]
+        heapq.heapify(heap)
+        leases = []
+        while heap:
+            neg_credits, worker_id = heapq.heappop(heap)
+            worker = self.workers[worker_id]
+            task = self._best_for(worker)
+            if task is None:
+                continue  # nothing this worker can run; others may still find work
+            self._unqueue(task.id)
+            self.leasing.add(task.id)
+            worker.credits -= 1
+            deadline = (now_us + int((task.timeout + self.lease_grace) * 1e6)
+                        if task.timeout else 0)
+            leases.append((task.id, task.attempt + 1, worker.id, deadline))
+            if worker.credits:
+                heapq.heappush(heap, (neg_credits + 1, worker_id))
+        return leases
+
+    def _best_for(self, worker: WorkerInfo) -> Task | None:
+        best: Task | None = None
+        for route, q in self.ready.items():
+            if not q or not worker.serves(route):
+                continue
+            task = self.state.tasks[q.peek()]
+            if best is None or (task.priority, -task.seq) > (best.priority, -best.seq):
+                best = task
+        return best
+
+    def lease_settled(self, task_id: str, worker_id: str, granted: bool) -> None:
+        """The LEASE entry applied; a refused lease gives the slot back."""
+        self.leasing.discard(task_id)
+        if not granted:
+            worker = self.workers.get(worker_id)
+            if worker is not None:
+                worker.credits += 1
+        self.sync(task_id)
+
+    def stats(self) -> dict:
+        return {"ready": len(self.route_of), "timers": len(self.timers),
+                "workers": len(self.workers), "leasing": len(self.leasing)}
+
+
+def _now_us() -> int:
+    return time.time_ns() // 1000

@@ -1,0 +1,473 @@
+"""The scheduler daemon: one Raft node, the task state machine, clients and workers.
+
+One `zmq.Poller` loop (DESIGN.md principle 5) serves the Raft transport and one
+ROUTER that clients and workers both talk to. Each loop turn:
+
+1. read every inbound frame; requests that change state are batched per kind;
+2. the batches become one log entry each (one SUBMIT for every submission of the
+   turn, one RESULT for every result...), proposed together and made durable by
+   one fsync (group commit in the node driver);
+3. when entries apply, the dispatcher resyncs the tasks they changed, matches ready
+   tasks to free worker slots, and those leases go through the log too; a task is
+   pushed to its worker once its lease is committed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+
+import msgpack
+import zmq
+
+from .. import protocol as p
+from ..raft.core import NotLeader
+from ..raft.node import NodeConfig, RaftNode
+from ..raft.progress import Role
+from . import state as sm
+from .dispatch import Dispatcher
+from .workers import WorkerDesk
+
+log = logging.getLogger("dtask.broker.server")
+
+
+@dataclass(slots=True)
+class SchedulerConfig:
+    node_id: int
+    data_dir: str
+    raft_bind: str
+    client_bind: str
+    peers: dict[int, tuple[str, str]]  # id -> (raft endpoint, client endpoint), founders
+    join: bool = False
+    heartbeat_interval: float = 1.0  # what workers are told to use
+    worker_timeout: float = 5.0  # silent this long: the worker is dead, its tasks retry
+    lease_grace: float = 10.0  # a task's lease is its timeout plus this
+    retention: float = 7 * 86400.0  # terminal tasks stay in the live state this long
+    max_payload: int = p.MAX_PAYLOAD
+    snapshot_every: int = 20_000
+    keep_entries: int = 2_000
+
+
+@dataclass(slots=True)
+class Pending:
+    """Requests of one loop turn, waiting to become one log entry per kind."""
+
+    submits: list[tuple[bytes, object, list]] = field(default_factory=list)
+    cancels: list[tuple[bytes, object, str]] = field(default_factory=list)
+
+    def any(self) -> bool:
+        return bool(self.submits or self.cancels)
+
+
+class SchedulerServer:
+    def __init__(self, cfg: SchedulerConfig, ctx: zmq.Context | None = None) -> None:
+        self.cfg = cfg
+        self.ctx = ctx or zmq.Context.instance()
+        self.state = sm.TaskState()
+        self.client_endpoints = {i: c for i, (_, c) in cfg.peers.items()}
+        node_cfg = NodeConfig(cfg.node_id, cfg.data_dir, cfg.raft_bind,
+                              {i: r for i, (r, _) in cfg.peers.items()}, join=cfg.join,
+                              snapshot_every=cfg.snapshot_every, keep_entries=cfg.keep_entries)
+        self.node = RaftNode(node_cfg, self.state, self.ctx, on_role_change=self._on_role)
+        self.sock = self.ctx.socket(zmq.ROUTER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a reconnecting worker keeps its id
+        self.sock.setsockopt(zmq.MAXMSGSIZE, p.MAX_FRAME)
+        self.sock.setsockopt(zmq.SNDHWM, 100_000)
+        self.sock.setsockopt(zmq.RCVHWM, 100_000)
+        self.sock.bind(cfg.client_bind)
+        self.pending = Pending()
+        self.dispatcher: Dispatcher | None = None
+        self.desk = WorkerDesk(self)
+        self.waiters: dict[str, list[tuple[bytes, object, float]]] = {}
+        self.running = True
+        self.stopping_since = 0.0
+        self.counters = {"bad_requests": 0}
+        self._next_housekeeping = 0.0
+        self._purging = False
+
+    # ------------------------------------------------------------------ loop
+
+    def serve_forever(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self.node.socket, zmq.POLLIN)
+        poller.register(self.sock, zmq.POLLIN)
+        while self.running:
+            events = dict(poller.poll(self._poll_timeout_ms()))
+            if self.node.socket in events:
+                self.node.on_readable()
+            if self.sock in events:
+                self._read_requests()
+            self.node.on_timer()
+            self._turn()
+            if self.stopping_since:
+                self._continue_stop()
+        self.node.close()
+        self.sock.close(0)
+
+    def _turn(self) -> None:
+        """Propose this turn's batches, let Raft work, then dispatch what became ready."""
+        now_us = time.time_ns() // 1000
+        if self.node.is_leader:
+            self._flush_pending(now_us)
+            self._housekeeping(now_us)
+        self.node.process()
+        self._after_apply(now_us)
+
+    def _poll_timeout_ms(self) -> int:
+        timeout = self.node.next_timeout_ms()
+        if self.dispatcher is not None:
+            due = self.dispatcher.next_due_us()
+            if due is not None:
+                timeout = min(timeout, max(0, (due - time.time_ns() // 1000) // 1000 + 1))
+        return min(timeout, 100)
+
+    def _read_requests(self) -> None:
+        for _ in range(10_000):
+            try:
+                frames = self.sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            if len(frames) != 2:
+                self.counters["bad_requests"] += 1
+                continue  # not a DEALER speaking our framing; nothing to answer
+            ident, frame = frames
+            try:
+                msg = p.unpack(frame)
+                self._dispatch_request(ident, msg)
+            except p.ProtocolError as exc:
+                self.counters["bad_requests"] += 1
+                self.send(ident, p.error(_req_id(frame), exc.code, exc.message))
+            except Exception as exc:  # a bug must cost one request, not the daemon
+                log.exception("event=request_failed")
+                self.send(ident, p.error(_req_id(frame), p.INTERNAL,
+                                         f"internal error: {exc.__class__.__name__}"))
+
+    def _dispatch_request(self, ident: bytes, msg: dict) -> None:
+        t, rid = msg["t"], msg.get("id")
+        if t in p.WORKER_TYPES:
+            self.desk.handle(ident, msg)
+            return
+        handler = self._CLIENT_HANDLERS.get(t)
+        if handler is None:
+            raise p.ProtocolError(p.BAD_REQUEST, f"unknown message type {t!r}")
+        handler(self, ident, rid, msg)
+
+    def send(self, ident: bytes, frame: bytes) -> None:
+        try:
+            self.sock.send_multipart([ident, frame], zmq.NOBLOCK)
+        except zmq.Again:
+            log.warning("event=reply_dropped reason=peer_queue_full")
+
+    # ------------------------------------------------------------------ leadership
+
+    def leader_endpoint(self) -> str:
+        return self.client_endpoints.get(self.node.leader, "")
+
+    def not_leader(self, ident: bytes, rid: object) -> None:
+        self.send(ident, p.error(rid, p.NOT_LEADER, "this scheduler is not the leader",
+                                 self.leader_endpoint()))
+
+    def require_leader(self, ident: bytes, rid: object) -> bool:
+        if self.node.is_leader and not self.stopping_since:
+            return True
+        self.not_leader(ident, rid)
+        return False
+
+    def _on_role(self, role: Role, term: int, leader: int) -> None:
+        if role == Role.LEADER:
+            self.dispatcher = Dispatcher(self.state, self.cfg.worker_timeout,
+                                         self.cfg.lease_grace)
+            self.dispatcher.rebuild()
+            log.info("event=dispatch_start term=%d %s", term,
+                     " ".join(f"{k}={v}" for k, v in self.dispatcher.stats().items()))
+        else:
+            self.dispatcher = None
+            self._fail_waiters()
+
+    # ------------------------------------------------------------------ client requests
+
+    def _submit(self, ident: bytes, rid: object, msg: dict) -> None:
+        if not self.require_leader(ident, rid):
+            return
+        specs = p.parse_submit(msg, self.cfg.max_payload)
+        now_us = time.time_ns() // 1000
+        wires = []
+        for spec in specs:
+            run_at = spec.at_us or (now_us + int(spec.delay * 1e6) if spec.delay else 0)
+            task_id = spec.task_id or os.urandom(12).hex()  # the leader's choice, in the entry
+            wires.append([task_id, spec.name, spec.type, spec.payload, spec.content_type,
+                          spec.priority, spec.queue, list(spec.labels), spec.timeout,
+                          spec.retry.to_wire(), spec.idempotency_key, run_at])
+        self.pending.submits.append((ident, rid, wires))
+
+    def _status(self, ident: bytes, rid: object, msg: dict) -> None:
+        task_id = p.task_id_of(msg)
+
+        def answer() -> None:
+            task = self.state.get(task_id)
+            if task is None:
+                self.send(ident, p.error(rid, p.NOT_FOUND, f"no task {task_id}"))
+            else:
+                self.send(ident, p.reply(p.TASK, rid, task=task.to_dict()))
+
+        self._read(ident, rid, p.get_bool(msg, "stale"), answer)
+
+    def _list(self, ident: bytes, rid: object, msg: dict) -> None:
+        statuses = p.get_str_list(msg, "status") or p.STATES
+        unknown = [s for s in statuses if s not in p.STATES]
+        if unknown:
+            raise p.ProtocolError(p.BAD_REQUEST, f"unknown status {unknown[0]!r}")
+        ttype = p.get_str(msg, "type", "")
+        since_us = p.get_int(msg, "since_us", 0, lo=0)
+        limit = p.get_int(msg, "limit", 100, lo=1, hi=10_000)
+        after = p.get_str(msg, "after", "", max_len=128)
+
+        def answer() -> None:
+            tasks, next_cursor = self._select(statuses, ttype, since_us, limit, after)
+            self.send(ident, p.reply(p.TASKS, rid, tasks=tasks, next=next_cursor))
+
+        self._read(ident, rid, p.get_bool(msg, "stale"), answer)
+
+    def _select(self, statuses, ttype: str, since_us: int, limit: int,
+                after: str) -> tuple[list[dict], str]:
+        """Tasks ordered by submission; `after` is the last id of the previous page."""
+        after_seq = self.state.tasks[after].seq if after in self.state.tasks else 0
+        found = []
+        for status in statuses:
+            for task_id in self.state.ids_with_status(status):
+                t = self.state.tasks[task_id]
+                if t.seq > after_seq and t.created_us >= since_us and (not ttype
+                                                                       or t.type == ttype):
+                    found.append(t)
+        found.sort(key=lambda t: t.seq)
+        page = found[:limit]
+        more = len(found) > limit
+        return [t.to_dict(with_payload=False) for t in page], page[-1].id if more else ""
+
+    def _cancel(self, ident: bytes, rid: object, msg: dict) -> None:
+        task_id = p.task_id_of(msg)
+        if self.require_leader(ident, rid):
+            self.pending.cancels.append((ident, rid, task_id))
+
+    def _wait(self, ident: bytes, rid: object, msg: dict) -> None:
+        task_id = p.task_id_of(msg)
+        timeout = p.get_num(msg, "timeout", 30.0, hi=3600.0)
+        if not self.require_leader(ident, rid):
+            return
+        task = self.state.get(task_id)
+        if task is None:
+            self.send(ident, p.error(rid, p.NOT_FOUND, f"no task {task_id}"))
+        elif task.status in p.TERMINAL:
+            self.send(ident, p.reply(p.TASK, rid, task=task.to_dict(), done=True))
+        else:
+            deadline = time.monotonic() + timeout
+            self.waiters.setdefault(task_id, []).append((ident, rid, deadline))
+
+    def _logs(self, ident: bytes, rid: object, msg: dict) -> None:
+        task_id = p.task_id_of(msg)
+        number = p.get_int(msg, "attempt", 0, lo=0)
+        offset = p.get_int(msg, "offset", 0, lo=0)
+
+        def answer() -> None:
+            task = self.state.get(task_id)
+            if task is None:
+                self.send(ident, p.error(rid, p.NOT_FOUND, f"no task {task_id}"))
+                return
+            if not task.attempts:
+                self.send(ident, p.reply(p.LOG_CHUNKS, rid, attempt=0, data=b"", offset=0,
+                                         done=task.status in p.TERMINAL))
+                return
+            number_ = number or task.attempt
+            if number_ > task.attempt:
+                self.send(ident, p.error(rid, p.NOT_FOUND, f"task {task_id} has no attempt "
+                                         f"{number_}"))
+                return
+            attempt = task.attempts[number_ - 1]
+            live = attempt.finished_us == 0
+            data = self.desk.live_log(task_id, number_) if live else attempt.log
+            chunk = data[offset:offset + (1 << 20)]
+            self.send(ident, p.reply(p.LOG_CHUNKS, rid, attempt=number_, data=chunk,
+                                     offset=offset + len(chunk),
+                                     done=not live and offset + len(chunk) >= len(data)))
+
+        self._read(ident, rid, p.get_bool(msg, "stale"), answer)
+
+    def _cluster(self, ident: bytes, rid: object, msg: dict) -> None:
+        st = self.node.status()
+        st["client_endpoint"] = self.cfg.client_bind
+        st["tasks"] = {s: len(self.state.ids_with_status(s)) for s in p.STATES}
+        st["bad_requests"] = self.counters["bad_requests"]
+        if self.dispatcher is not None:
+            st["dispatch"] = self.dispatcher.stats()
+        self.send(ident, p.reply(p.CLUSTER_INFO, rid, node=st, leader=self.leader_endpoint()))
+
+    def _read(self, ident: bytes, rid: object, stale: bool, answer) -> None:
+        """Linearizable by default (ReadIndex on the leader); stale reads on any node."""
+        if stale:
+            answer()
+            return
+        if not self.require_leader(ident, rid):
+            return
+
+        def done(_: object, err: Exception | None) -> None:
+            if err is None:
+                answer()
+            else:
+                self.not_leader(ident, rid)
+
+        self.node.read(done)
+
+    _CLIENT_HANDLERS = {p.SUBMIT: _submit, p.STATUS: _status, p.LIST: _list,
+                        p.CANCEL: _cancel, p.WAIT: _wait, p.LOGS: _logs,
+                        p.CLUSTER: _cluster}
+
+    # ------------------------------------------------------------------ proposals
+
+    def propose(self, kind: str, now_us: int, body: object, callback) -> None:
+        self.node.propose(sm.command(kind, now_us, body), callback)
+
+    def _flush_pending(self, now_us: int) -> None:
+        if self.pending.submits:
+            batch, self.pending.submits = self.pending.submits, []
+            self.propose(sm.SUBMIT, now_us, [w for _, _, w in batch],
+                         lambda res, err, b=batch: self._submitted(b, res, err))
+        if self.pending.cancels:
+            batch, self.pending.cancels = self.pending.cancels, []
+            self.propose(sm.CANCEL, now_us, [t for _, _, t in batch],
+                         lambda res, err, b=batch: self._cancelled(b, res, err))
+        self.desk.flush(now_us)
+
+    def _submitted(self, batch, results, err: Exception | None) -> None:
+        for i, (ident, rid, _) in enumerate(batch):
+            if err is not None:
+                self._write_failed(ident, rid, err)
+            else:
+                ids = [r[0] for r in results[i]]
+                self.send(ident, p.reply(p.SUBMITTED, rid, task_ids=ids,
+                                         existing=[r[1] for r in results[i]]))
+
+    def _cancelled(self, batch, results, err: Exception | None) -> None:
+        for i, (ident, rid, task_id) in enumerate(batch):
+            if err is not None:
+                self._write_failed(ident, rid, err)
+                continue
+            outcome = results[i]
+            task = self.state.get(task_id)
+            if outcome == "not_found" or task is None:
+                self.send(ident, p.error(rid, p.NOT_FOUND, f"no task {task_id}"))
+            elif outcome in (p.COMPLETED, p.FAILED):
+                self.send(ident, p.error(rid, p.CONFLICT, f"task {task_id} already {outcome}"))
+            else:
+                if outcome == p.RUNNING:
+                    self.desk.kill(task)
+                self.send(ident, p.reply(p.CANCELLED_REPLY, rid, task=task.to_dict()))
+
+    def _write_failed(self, ident: bytes, rid: object, err: Exception) -> None:
+        if isinstance(err, NotLeader):
+            self.send(ident, p.error(rid, p.NOT_LEADER, f"{err} (outcome unknown: retry "
+                                     "with the same idempotency key)", self.leader_endpoint()))
+        else:
+            self.send(ident, p.error(rid, p.INTERNAL, str(err)))
+
+    # ------------------------------------------------------------------ after apply
+
+    def _after_apply(self, now_us: int) -> None:
+        changed, self.state.changed = self.state.changed, []
+        if self.dispatcher is None or not self.node.is_leader:
+            return
+        for task_id in dict.fromkeys(changed):
+            self.dispatcher.sync(task_id)
+            if task_id in self.waiters:
+                self._wake_waiters(task_id)
+        self.desk.dispatch(now_us)
+
+    def _wake_waiters(self, task_id: str) -> None:
+        task = self.state.get(task_id)
+        if task is not None and task.status not in p.TERMINAL:
+            return
+        for ident, rid, _ in self.waiters.pop(task_id):
+            if task is None:
+                self.send(ident, p.error(rid, p.NOT_FOUND, f"no task {task_id}"))
+            else:
+                self.send(ident, p.reply(p.TASK, rid, task=task.to_dict(), done=True))
+
+    def _housekeeping(self, now_us: int) -> None:
+        now = time.monotonic()
+        if now < self._next_housekeeping:
+            return
+        self._next_housekeeping = now + 0.05
+        self.desk.check_liveness(now, now_us)
+        for task_id in list(self.waiters):
+            keep = []
+            for ident, rid, deadline in self.waiters[task_id]:
+                if now >= deadline:
+                    task = self.state.get(task_id)
+                    self.send(ident, p.reply(p.TASK, rid, task=task.to_dict() if task else {},
+                                             done=False))
+                else:
+                    keep.append((ident, rid, deadline))
+            if keep:
+                self.waiters[task_id] = keep
+            else:
+                del self.waiters[task_id]
+        self._maybe_purge(now_us)
+
+    def _maybe_purge(self, now_us: int) -> None:
+        """Forget terminal tasks past the retention window (history lives in the database)."""
+        if self._purging:
+            return
+        cutoff = now_us - int(self.cfg.retention * 1e6)
+        for status in p.TERMINAL:
+            ids = self.state.ids_with_status(status)
+            if ids and self.state.tasks[next(iter(ids))].finished_us < cutoff:
+                self._purging = True
+                self.propose(sm.PURGE, now_us, [cutoff, 10_000], self._purged)
+                return
+
+    def _purged(self, _: object, __: Exception | None) -> None:
+        self._purging = False
+
+    def _fail_waiters(self) -> None:
+        for waiting in self.waiters.values():
+            for ident, rid, _ in waiting:
+                self.send(ident, p.error(rid, p.NOT_LEADER, "leadership changed",
+                                         self.leader_endpoint()))
+        self.waiters = {}
+
+    # ------------------------------------------------------------------ stopping
+
+    def stop(self) -> None:
+        """Graceful stop: a leader hands leadership over first (bounded wait)."""
+        if self.stopping_since:
+            return
+        self.stopping_since = time.monotonic()
+        if self.node.is_leader:
+            target = self.node.transfer_leadership()
+            log.info("event=stop_transfer node=%d to=%d", self.cfg.node_id, target)
+
+    def _continue_stop(self) -> None:
+        if not self.node.is_leader or time.monotonic() - self.stopping_since > 3.0:
+            self.running = False
+
+
+def _req_id(frame: bytes) -> object:
+    """Best effort: the id of a request we could not parse, so the error can carry it."""
+    try:
+        msg = msgpack.unpackb(frame, max_bin_len=1 << 16, max_str_len=1 << 16)
+        rid = msg.get("id") if isinstance(msg, dict) else None
+        return rid if isinstance(rid, (int, str, bytes)) else None
+    except Exception:
+        return None
+
+
+def run(cfg: SchedulerConfig) -> None:
+    server = SchedulerServer(cfg)
+    signal.signal(signal.SIGTERM, lambda *_: server.stop())
+    signal.signal(signal.SIGINT, lambda *_: server.stop())
+    log.info("event=serving node=%d raft=%s clients=%s", cfg.node_id, cfg.raft_bind,
+             cfg.client_bind)
+    server.serve_forever()

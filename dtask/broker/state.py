@@ -1,0 +1,295 @@
+"""The scheduler's replicated state machine: every task and its attempts.
+
+`apply(index, command)` is deterministic: it depends only on the command and the
+state. Time, ids, the retry delay's jitter and every other choice are made by the
+leader before proposing and travel inside the command (see `commands`), so each
+replica reaches the same state. Commands are batched: one log entry carries every
+submission (or lease, or result) of one leader loop turn.
+
+After each apply, `changed` lists the task ids whose state moved, so the leader's
+dispatcher can update its queues without rescanning.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import msgpack
+
+from .. import protocol as p
+from ..protocol import RetryPolicy
+
+# Command kinds (first element of every command).
+SUBMIT, LEASE, RESULT = "submit", "lease", "result"
+CANCEL, EXPIRE, PURGE = "cancel", "expire", "purge"
+
+
+@dataclass(slots=True)
+class Attempt:
+    number: int
+    worker: str
+    started_us: int  # when the lease was granted
+    deadline_us: int  # lease deadline (timeout + grace); 0 when the task has no timeout
+    finished_us: int = 0
+    outcome: str = ""
+    exit_code: int | None = None
+    error: str = ""
+    result: bytes = b""  # msgpack of the executor's return value, bounded
+    log: bytes = b""  # the attempt's output, bounded
+
+    def to_wire(self) -> list:
+        return [self.number, self.worker, self.started_us, self.deadline_us, self.finished_us,
+                self.outcome, self.exit_code, self.error, self.result, self.log]
+
+    def to_dict(self) -> dict:
+        return {"attempt": self.number, "worker": self.worker, "started_us": self.started_us,
+                "deadline_us": self.deadline_us, "finished_us": self.finished_us,
+                "outcome": self.outcome, "exit_code": self.exit_code, "error": self.error,
+                "result": self.result, "log_bytes": len(self.log)}
+
+
+@dataclass(slots=True)
+class Task:
+    id: str
+    name: str
+    type: str
+    payload: bytes
+    content_type: str
+    priority: int
+    queue: str
+    labels: tuple[str, ...]
+    timeout: float
+    retry: RetryPolicy
+    idempotency_key: str
+    created_us: int
+    seq: int  # submission order: FIFO within a priority
+    status: str
+    run_at_us: int  # SCHEDULED: eta; RETRYING: end of backoff
+    attempts: list[Attempt] = field(default_factory=list)
+    finished_us: int = 0
+    cancel_requested: bool = False
+
+    @property
+    def attempt(self) -> int:
+        return len(self.attempts)
+
+    def current(self) -> Attempt | None:
+        return self.attempts[-1] if self.attempts else None
+
+    def to_wire(self) -> list:
+        return [self.id, self.name, self.type, self.payload, self.content_type, self.priority,
+                self.queue, list(self.labels), self.timeout, self.retry.to_wire(),
+                self.idempotency_key, self.created_us, self.seq, self.status, self.run_at_us,
+                [a.to_wire() for a in self.attempts], self.finished_us, self.cancel_requested]
+
+    @classmethod
+    def from_wire(cls, w: list) -> Task:
+        return cls(w[0], w[1], w[2], w[3], w[4], w[5], w[6], tuple(w[7]), w[8],
+                   RetryPolicy.from_wire(w[9]), w[10], w[11], w[12], w[13], w[14],
+                   [Attempt(*a) for a in w[15]], w[16], w[17])
+
+    def to_dict(self, with_payload: bool = True) -> dict:
+        out = {"id": self.id, "name": self.name, "type": self.type,
+               "content_type": self.content_type, "priority": self.priority,
+               "queue": self.queue, "labels": list(self.labels), "timeout": self.timeout,
+               "max_retries": self.retry.max_retries, "idempotency_key": self.idempotency_key,
+               "created_us": self.created_us, "status": self.status,
+               "run_at_us": self.run_at_us, "finished_us": self.finished_us,
+               "cancel_requested": self.cancel_requested,
+               "attempts": [a.to_dict() for a in self.attempts]}
+        if with_payload:
+            out["payload"] = self.payload
+        return out
+
+
+class TaskState:
+    def __init__(self) -> None:
+        self.tasks: dict[str, Task] = {}
+        self.by_key: dict[str, str] = {}  # idempotency key -> task id
+        self.by_status: dict[str, dict[str, None]] = {s: {} for s in p.STATES}
+        self.seq = 0
+        self.changed: list[str] = []
+
+    # ------------------------------------------------------------------ state machine
+
+    def apply(self, index: int, command: bytes) -> object:
+        kind, now_us, body = msgpack.unpackb(command, raw=False)
+        handler = _HANDLERS.get(kind)
+        if handler is None:
+            raise ValueError(f"unknown command {kind!r}")
+        return handler(self, now_us, body)
+
+    def snapshot(self) -> bytes:
+        return msgpack.packb([self.seq, [t.to_wire() for t in self.tasks.values()]],
+                             use_bin_type=True)
+
+    def restore(self, data: bytes) -> None:
+        self.__init__()
+        if not data:
+            return
+        self.seq, wires = msgpack.unpackb(data, raw=False)
+        for w in wires:
+            self._add(Task.from_wire(w))
+
+    # ------------------------------------------------------------------ queries
+
+    def get(self, task_id: str) -> Task | None:
+        return self.tasks.get(task_id)
+
+    def ids_with_status(self, status: str) -> dict[str, None]:
+        return self.by_status[status]
+
+    # ------------------------------------------------------------------ commands
+
+    def _submit(self, now_us: int, requests: list) -> list:
+        """Each request is a list of task wires; returns, per request, [[id, existed]]."""
+        out = []
+        for wires in requests:
+            results = []
+            for w in wires:
+                (task_id, name, ttype, payload, ctype, prio, queue, labels, timeout, retry,
+                 key, run_at) = w
+                existing = self.by_key.get(key) if key else None
+                if existing is None and task_id in self.tasks:
+                    existing = task_id  # a client-chosen id submitted twice
+                if existing is not None:
+                    results.append([existing, True])
+                    continue
+                self.seq += 1
+                status = p.SCHEDULED if run_at > now_us else p.PENDING
+                task = Task(task_id, name, ttype, payload, ctype, prio, queue, tuple(labels),
+                            timeout, RetryPolicy.from_wire(retry), key, now_us, self.seq,
+                            status, run_at)
+                self._add(task)
+                results.append([task_id, False])
+            out.append(results)
+        return out
+
+    def _lease(self, now_us: int, leases: list) -> list[bool]:
+        granted = []
+        for task_id, number, worker, deadline_us in leases:
+            task = self.tasks.get(task_id)
+            ok = (task is not None and task.status in (p.PENDING, p.SCHEDULED, p.RETRYING)
+                  and number == task.attempt + 1 and not task.cancel_requested)
+            if ok:
+                task.attempts.append(Attempt(number, worker, now_us, deadline_us))
+                self._set_status(task, p.RUNNING)
+            granted.append(ok)
+        return granted
+
+    def _result(self, now_us: int, results: list) -> list[str]:
+        """Results reported by workers; a result for any but the current attempt is stale."""
+        out = []
+        for (task_id, number, outcome, exit_code, error, result, log, started_us, finished_us,
+             retry_at_us) in results:
+            task = self.tasks.get(task_id)
+            current = task.current() if task else None
+            if task is None or task.status != p.RUNNING or current is None \
+                    or current.number != number:
+                out.append("stale")
+                continue
+            current.exit_code, current.error, current.result, current.log = (
+                exit_code, error, result, log)
+            if started_us:
+                current.started_us = started_us
+            self._end_attempt(task, current, outcome, finished_us or now_us, retry_at_us)
+            out.append(task.status)
+        return out
+
+    def _expire(self, now_us: int, expired: list) -> list[str]:
+        """Attempts the leader gave up on: the worker died or the lease ran out."""
+        out = []
+        for task_id, number, outcome, reason, retry_at_us in expired:
+            task = self.tasks.get(task_id)
+            current = task.current() if task else None
+            if task is None or task.status != p.RUNNING or current is None \
+                    or current.number != number:
+                out.append("stale")
+                continue
+            current.error = reason
+            self._end_attempt(task, current, outcome, now_us, retry_at_us)
+            out.append(task.status)
+        return out
+
+    def _cancel(self, now_us: int, task_ids: list) -> list[str]:
+        """Per task: its status after the request, or 'not_found'."""
+        out = []
+        for task_id in task_ids:
+            task = self.tasks.get(task_id)
+            if task is None:
+                out.append("not_found")
+            elif task.status in p.TERMINAL:
+                out.append(task.status)
+            elif task.status == p.RUNNING:
+                task.cancel_requested = True  # the leader tells the worker to kill it
+                self.changed.append(task.id)
+                out.append(p.RUNNING)
+            else:
+                task.cancel_requested = True
+                task.finished_us = now_us
+                self._set_status(task, p.CANCELLED)
+                out.append(p.CANCELLED)
+        return out
+
+    def _purge(self, now_us: int, body: list) -> int:
+        """Forget terminal tasks that finished before the cutoff (retention window)."""
+        cutoff_us, limit = body
+        doomed = []
+        for status in p.TERMINAL:
+            for task_id in self.by_status[status]:
+                if self.tasks[task_id].finished_us < cutoff_us:
+                    doomed.append(task_id)
+                    if len(doomed) >= limit:
+                        break
+        for task_id in doomed[:limit]:
+            task = self.tasks.pop(task_id)
+            del self.by_status[task.status][task_id]
+            if task.idempotency_key and self.by_key.get(task.idempotency_key) == task_id:
+                del self.by_key[task.idempotency_key]
+        return len(doomed[:limit])
+
+    # ------------------------------------------------------------------ helpers
+
+    def _end_attempt(self, task: Task, attempt: Attempt, outcome: str, finished_us: int,
+                     retry_at_us: int) -> None:
+        attempt.outcome = outcome
+        attempt.finished_us = finished_us
+        if outcome == p.SUCCEEDED:
+            final = p.COMPLETED
+        elif task.cancel_requested or outcome == p.KILLED:
+            final = p.CANCELLED
+        elif attempt.number <= task.retry.max_retries:
+            task.run_at_us = retry_at_us
+            self._set_status(task, p.RETRYING)
+            return
+        else:
+            final = p.FAILED
+        task.finished_us = finished_us
+        self._set_status(task, final)
+
+    def _add(self, task: Task) -> None:
+        self.tasks[task.id] = task
+        self.by_status[task.status][task.id] = None
+        if task.idempotency_key:
+            self.by_key[task.idempotency_key] = task.id
+        self.changed.append(task.id)
+
+    def _set_status(self, task: Task, status: str) -> None:
+        del self.by_status[task.status][task.id]
+        task.status = status
+        self.by_status[status][task.id] = None
+        self.changed.append(task.id)
+
+
+_HANDLERS = {
+    SUBMIT: TaskState._submit,
+    LEASE: TaskState._lease,
+    RESULT: TaskState._result,
+    EXPIRE: TaskState._expire,
+    CANCEL: TaskState._cancel,
+    PURGE: TaskState._purge,
+}
+
+
+def command(kind: str, now_us: int, body: object) -> bytes:
+    return msgpack.packb([kind, now_us, body], use_bin_type=True)

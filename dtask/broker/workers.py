@@ -1,0 +1,217 @@
+"""The scheduler's side of the worker protocol: registration, heartbeats, credits,
+pushing tasks, results, live logs, and revoking the leases of dead workers.
+
+Results, leases and expirations are batched per loop turn into one log entry each.
+A worker's result is acknowledged only once its RESULT entry has applied, so a
+worker keeps (and re-sends) it across a leader change until it is safely recorded.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING
+
+from .. import protocol as p
+from . import state as sm
+from .dispatch import WorkerInfo
+
+if TYPE_CHECKING:
+    from .server import SchedulerServer
+
+log = logging.getLogger("dtask.broker.workers")
+
+MAX_LIVE_LOG = p.MAX_LOG
+
+
+class WorkerDesk:
+    def __init__(self, server: SchedulerServer) -> None:
+        self.server = server
+        self.results: list[tuple[bytes, list]] = []  # (worker ident, result wire)
+        self.expired: list[list] = []
+        self.live_logs: dict[tuple[str, int], bytearray] = {}
+
+    # ------------------------------------------------------------------ inbound
+
+    def handle(self, ident: bytes, msg: dict) -> None:
+        srv = self.server
+        t, rid = msg["t"], msg.get("id")
+        worker_id = p.get_str(msg, "worker_id", max_len=128)
+        if not srv.node.is_leader or srv.dispatcher is None:
+            if t in (p.REGISTER, p.HEARTBEAT, p.RESULT):
+                srv.not_leader(ident, rid)
+            return
+        d = srv.dispatcher
+        if t == p.REGISTER:
+            self._register(ident, rid, worker_id, msg)
+            return
+        worker = d.workers.get(worker_id)
+        if worker is None or not worker.registered:
+            if t != p.BYE:
+                srv.send(ident, p.error(rid, p.UNKNOWN_WORKER, f"worker {worker_id} is not "
+                                        "registered with this leader: register again"))
+            return
+        worker.last_seen = time.monotonic()
+        worker.ident = ident
+        if t == p.HEARTBEAT:
+            worker.credits = p.get_int(msg, "credits", lo=0, hi=100_000)
+        elif t == p.RESULT:
+            self._result(ident, worker, msg)
+        elif t == p.LOG:
+            self._log(msg)
+        elif t == p.BYE:
+            self._expire_worker(worker, "worker deregistered", time.time_ns() // 1000)
+            del d.workers[worker_id]
+            log.info("event=worker_bye worker=%s", worker_id)
+
+    def _register(self, ident: bytes, rid: object, worker_id: str, msg: dict) -> None:
+        info = WorkerInfo(
+            worker_id, ident, host=p.get_str(msg, "host", ""),
+            pid=p.get_int(msg, "pid", 0, lo=0),
+            concurrency=p.get_int(msg, "concurrency", lo=1, hi=100_000),
+            queues=frozenset(p.get_str_list(msg, "queues") or ("default",)),
+            labels=frozenset(p.get_str_list(msg, "labels")),
+            executors=frozenset(p.get_str_list(msg, "executors")),
+            last_seen=time.monotonic())
+        running = msg.get("running", [])
+        if not isinstance(running, list):
+            raise p.ProtocolError(p.BAD_REQUEST, "field running must be a list")
+        info.credits = max(0, p.get_int(msg, "credits", info.concurrency - len(running),
+                                        lo=0, hi=100_000))
+        info = self.server.dispatcher.register(info)
+        self.server.send(ident, p.reply(p.REGISTERED, rid,
+                                        heartbeat_interval=self.server.cfg.heartbeat_interval,
+                                        worker_timeout=self.server.cfg.worker_timeout))
+        self._reconcile(info, running)
+        log.info("event=worker_registered worker=%s host=%s pid=%d concurrency=%d queues=%s",
+                 worker_id, info.host, info.pid, info.concurrency, ",".join(sorted(info.queues)))
+
+    def _reconcile(self, worker: WorkerInfo, running: list) -> None:
+        """Kill attempts a worker runs that the state no longer gives it."""
+        for item in running:
+            if not (isinstance(item, list) and len(item) == 2):
+                continue
+            task = self.server.state.get(item[0]) if isinstance(item[0], str) else None
+            current = task.current() if task is not None else None
+            if (task is None or task.status != p.RUNNING or current is None
+                    or current.number != item[1] or current.worker != worker.id):
+                self.server.send(worker.ident, p.pack({"v": p.VERSION, "t": p.KILL,
+                                                       "task_id": item[0], "attempt": item[1]}))
+
+    def _result(self, ident: bytes, worker: WorkerInfo, msg: dict) -> None:
+        task_id = p.task_id_of(msg)
+        number = p.get_int(msg, "attempt", lo=1)
+        outcome = p.get_str(msg, "outcome")
+        if outcome not in p.OUTCOMES:
+            raise p.ProtocolError(p.BAD_REQUEST, f"unknown outcome {outcome!r}")
+        exit_code = msg.get("exit_code")
+        if exit_code is not None and type(exit_code) is not int:
+            raise p.ProtocolError(p.BAD_REQUEST, "field exit_code must be an integer or nil")
+        result, output = msg.get("result", b""), msg.get("log", b"")
+        if not isinstance(result, bytes) or not isinstance(output, bytes):
+            raise p.ProtocolError(p.BAD_REQUEST, "fields result and log must be binary")
+        if "credits" in msg:
+            worker.credits = p.get_int(msg, "credits", lo=0, hi=100_000)
+        task = self.server.state.get(task_id)
+        now_us = time.time_ns() // 1000
+        retry_at = self.server.dispatcher.retry_at_us(task, now_us) if task else 0
+        self.results.append((ident, [
+            task_id, number, outcome, exit_code, p.get_str(msg, "error", "", max_len=4096),
+            result[:p.MAX_RESULT], output[-p.MAX_LOG:], p.get_int(msg, "started_us", 0, lo=0),
+            p.get_int(msg, "finished_us", 0, lo=0), retry_at]))
+        self.live_logs.pop((task_id, number), None)
+
+    def _log(self, msg: dict) -> None:
+        key = (p.task_id_of(msg), p.get_int(msg, "attempt", lo=1))
+        data = msg.get("data", b"")
+        task = self.server.state.get(key[0])
+        if not isinstance(data, bytes) or task is None or task.status != p.RUNNING:
+            return
+        buf = self.live_logs.setdefault(key, bytearray())
+        buf += data[:max(0, MAX_LIVE_LOG - len(buf))]
+
+    def live_log(self, task_id: str, attempt: int) -> bytes:
+        return bytes(self.live_logs.get((task_id, attempt), b""))
+
+    # ------------------------------------------------------------------ outbound
+
+    def flush(self, now_us: int) -> None:
+        """Turn this loop turn's results and expirations into one log entry each."""
+        srv = self.server
+        if self.results:
+            batch, self.results = self.results, []
+            srv.propose(sm.RESULT, now_us, [w for _, w in batch],
+                        lambda res, err, b=batch: self._results_applied(b, res, err))
+        if self.expired:
+            batch, self.expired = self.expired, []
+            srv.propose(sm.EXPIRE, now_us, batch, lambda res, err: None)
+
+    def _results_applied(self, batch, statuses, err: Exception | None) -> None:
+        if err is not None:
+            return  # no ack: the worker keeps the result and re-sends it to the new leader
+        for (ident, wire), status in zip(batch, statuses, strict=True):
+            self.server.send(ident, p.reply(p.RESULT_ACK, None, task_id=wire[0],
+                                            attempt=wire[1], accepted=status != "stale"))
+
+    def dispatch(self, now_us: int) -> None:
+        """Lease ready tasks to free worker slots (through the log)."""
+        d = self.server.dispatcher
+        expired = d.fire_timers(now_us)
+        for task_id, number, outcome, reason in expired:
+            task = self.server.state.tasks[task_id]
+            self.expired.append([task_id, number, outcome, reason, d.retry_at_us(task, now_us)])
+            self.kill(task)
+        leases = d.assign(now_us)
+        if leases:
+            self.server.propose(sm.LEASE, now_us, [list(x) for x in leases],
+                                lambda res, err, b=leases: self._leases_applied(b, res, err))
+        if self.expired and self.server.node.is_leader:
+            self.flush(now_us)
+
+    def _leases_applied(self, leases, granted, err: Exception | None) -> None:
+        d = self.server.dispatcher
+        if err is not None or d is None:
+            return  # leadership lost: the next leader rebuilds from the state
+        runs: dict[str, list[dict]] = {}
+        for (task_id, number, worker_id, _), ok in zip(leases, granted, strict=True):
+            d.lease_settled(task_id, worker_id, ok)
+            worker = d.workers.get(worker_id)
+            if ok and worker is not None:
+                t = self.server.state.tasks[task_id]
+                runs.setdefault(worker_id, []).append(
+                    {"task_id": t.id, "attempt": number, "type": t.type, "payload": t.payload,
+                     "content_type": t.content_type, "timeout": t.timeout, "name": t.name})
+        for worker_id, tasks in runs.items():
+            self.server.send(d.workers[worker_id].ident,
+                             p.pack({"v": p.VERSION, "t": p.RUN, "tasks": tasks}))
+
+    def kill(self, task: sm.Task) -> None:
+        d = self.server.dispatcher
+        current = task.current()
+        if d is None or current is None:
+            return
+        worker = d.workers.get(current.worker)
+        if worker is not None and worker.ident:
+            self.server.send(worker.ident, p.pack({"v": p.VERSION, "t": p.KILL,
+                                                   "task_id": task.id,
+                                                   "attempt": current.number}))
+
+    # ------------------------------------------------------------------ liveness
+
+    def check_liveness(self, now: float, now_us: int) -> None:
+        d = self.server.dispatcher
+        if d is None:
+            return
+        for worker in d.dead_workers(now):
+            log.warning("event=worker_lost worker=%s silent_s=%.1f running=%d", worker.id,
+                        now - worker.last_seen, len(worker.running))
+            self._expire_worker(worker, "worker stopped heartbeating", now_us)
+
+    def _expire_worker(self, worker: WorkerInfo, reason: str, now_us: int) -> None:
+        """Revoke every lease the worker holds: its tasks go back to the queue (at-least-once)."""
+        for task_id in list(worker.running):
+            task = self.server.state.get(task_id)
+            current = task.current() if task else None
+            if task is not None and task.status == p.RUNNING and current is not None:
+                # Not the task's fault: retry at once (still one attempt of the budget).
+                self.expired.append([task_id, current.number, p.LOST, reason, now_us])

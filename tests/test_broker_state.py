@@ -1,0 +1,262 @@
+"""The task state machine and the leader's dispatcher, as pure objects."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from dtask import protocol as p
+from dtask.broker import state as sm
+from dtask.broker.dispatch import Dispatcher, WorkerInfo, backoff_us
+from dtask.protocol import RetryPolicy
+
+T0 = 1_700_000_000_000_000
+
+
+def wire(task_id, *, prio=0, queue="default", labels=(), ttype="shell", key="", run_at=0,
+         retries=2, timeout=0.0):
+    return [task_id, "", ttype, b"{}", p.JSON, prio, queue, list(labels), timeout,
+            RetryPolicy(max_retries=retries).to_wire(), key, run_at]
+
+
+class Harness:
+    """Applies commands with increasing indexes, as the Raft node would."""
+
+    def __init__(self):
+        self.s = sm.TaskState()
+        self.index = 1
+
+    def do(self, kind, body, now=T0):
+        self.index += 1
+        return self.s.apply(self.index, sm.command(kind, now, body))
+
+    def submit(self, *wires, now=T0):
+        return self.do(sm.SUBMIT, [list(wires)], now)[0]
+
+    def lease(self, task_id, attempt=None, worker="w1", deadline=0, now=T0):
+        attempt = attempt or self.s.tasks[task_id].attempt + 1
+        return self.do(sm.LEASE, [[task_id, attempt, worker, deadline]], now)[0]
+
+    def result(self, task_id, attempt, outcome, retry_at=0, now=T0):
+        body = [[task_id, attempt, outcome, 0 if outcome == p.SUCCEEDED else 1, "", b"", b"",
+                 now, now, retry_at]]
+        return self.do(sm.RESULT, body, now)[0]
+
+
+@pytest.fixture
+def h():
+    return Harness()
+
+
+def test_submit_now_and_later(h):
+    assert h.submit(wire("a"), wire("b", run_at=T0 + 5_000_000)) == [["a", False],
+                                                                     ["b", False]]
+    assert h.s.tasks["a"].status == p.PENDING
+    assert h.s.tasks["b"].status == p.SCHEDULED
+    assert h.s.tasks["a"].seq < h.s.tasks["b"].seq
+
+
+def test_idempotency_key_returns_the_existing_task(h):
+    h.submit(wire("a", key="k1"))
+    assert h.submit(wire("b", key="k1")) == [["a", True]]
+    assert "b" not in h.s.tasks
+    assert h.submit(wire("a")) == [["a", True]]  # a client-chosen id twice
+
+
+def test_lifecycle_success(h):
+    h.submit(wire("a"))
+    assert h.lease("a") is True
+    t = h.s.tasks["a"]
+    assert (t.status, t.attempt) == (p.RUNNING, 1)
+    assert h.result("a", 1, p.SUCCEEDED) == p.COMPLETED
+    assert t.finished_us == T0
+
+
+def test_failures_retry_then_fail(h):
+    h.submit(wire("a", retries=2))
+    for attempt in (1, 2):
+        h.lease("a")
+        assert h.result("a", attempt, p.ERRORED, retry_at=T0 + 10) == p.RETRYING
+        assert h.s.tasks["a"].run_at_us == T0 + 10
+    h.lease("a")
+    assert h.result("a", 3, p.ERRORED) == p.FAILED
+    assert [a.outcome for a in h.s.tasks["a"].attempts] == [p.ERRORED] * 3
+
+
+def test_stale_results_and_leases_are_ignored(h):
+    h.submit(wire("a"))
+    h.lease("a")
+    assert h.lease("a", attempt=1) is False  # attempt 1 is already leased
+    h.do(sm.EXPIRE, [["a", 1, p.LOST, "worker died", T0]])
+    assert h.s.tasks["a"].status == p.RETRYING
+    assert h.result("a", 1, p.SUCCEEDED) == "stale"  # the old attempt reports late
+    h.lease("a")
+    assert h.result("a", 1, p.SUCCEEDED) == "stale"
+    assert h.result("a", 2, p.SUCCEEDED) == p.COMPLETED
+    assert h.result("a", 2, p.SUCCEEDED) == "stale"  # a duplicate report
+
+
+def test_cancel_pending_running_and_finished(h):
+    h.submit(wire("a"), wire("b"), wire("c"))
+    h.lease("b")
+    assert h.do(sm.CANCEL, ["a", "b", "nope"]) == [p.CANCELLED, p.RUNNING, "not_found"]
+    assert h.lease("a") is False  # a cancelled task never runs
+    assert h.s.tasks["b"].cancel_requested
+    assert h.result("b", 1, p.KILLED) == p.CANCELLED
+    h.lease("c")
+    h.result("c", 1, p.SUCCEEDED)
+    assert h.do(sm.CANCEL, ["c"]) == [p.COMPLETED]
+
+
+def test_cancel_requested_wins_over_retry(h):
+    h.submit(wire("a", retries=5))
+    h.lease("a")
+    h.do(sm.CANCEL, ["a"])
+    assert h.result("a", 1, p.ERRORED) == p.CANCELLED
+
+
+def test_purge_forgets_old_terminal_tasks_only(h):
+    h.submit(wire("old", key="k"), wire("new"), wire("live"))
+    for tid, when in (("old", T0), ("new", T0 + 100)):
+        h.lease(tid, now=when)
+        h.result(tid, 1, p.SUCCEEDED, now=when)
+    assert h.do(sm.PURGE, [T0 + 50, 100]) == 1
+    assert set(h.s.tasks) == {"new", "live"}
+    assert "k" not in h.s.by_key
+
+
+def test_snapshot_restore_round_trip(h):
+    h.submit(wire("a", key="k"), wire("b", run_at=T0 + 1), wire("c", labels=("gpu",)))
+    h.lease("a")
+    h.result("a", 1, p.ERRORED, retry_at=T0 + 9)
+    other = sm.TaskState()
+    other.restore(h.s.snapshot())
+    assert other.snapshot() == h.s.snapshot()
+    assert other.by_key == {"k": "a"}
+    assert {s: list(ids) for s, ids in other.by_status.items()} == \
+        {s: list(ids) for s, ids in h.s.by_status.items()}
+    assert other.seq == h.s.seq
+
+
+def test_replicas_applying_the_same_log_agree():
+    """Determinism: two state machines fed the same random command log end equal."""
+    rng = random.Random(7)
+    a, b = Harness(), Harness()
+    for step in range(400):
+        ids = [f"t{i}" for i in range(30)]
+        choice = rng.random()
+        tid = rng.choice(ids)
+        if choice < 0.3:
+            cmd = (sm.SUBMIT, [[wire(tid, prio=rng.randint(0, 3), key=rng.choice(["", tid]))]])
+        elif choice < 0.55:
+            cmd = (sm.LEASE, [[tid, rng.randint(1, 3), "w", 0]])
+        elif choice < 0.8:
+            cmd = (sm.RESULT, [[tid, rng.randint(1, 3), rng.choice(sorted(p.OUTCOMES)), 1, "",
+                                b"", b"", 0, 0, T0 + step]])
+        elif choice < 0.9:
+            cmd = (sm.CANCEL, [tid])
+        else:
+            cmd = (sm.EXPIRE, [[tid, rng.randint(1, 3), p.LOST, "x", T0]])
+        assert a.do(*cmd, now=T0 + step) == b.do(*cmd, now=T0 + step)
+    assert a.s.snapshot() == b.s.snapshot()
+
+
+def test_unknown_command_is_an_error(h):
+    with pytest.raises(ValueError, match="unknown command"):
+        h.s.apply(2, sm.command("explode", T0, []))
+
+
+# ---------------------------------------------------------------- dispatcher
+
+def make_dispatcher(h):
+    d = Dispatcher(h.s, worker_timeout=5.0, lease_grace=10.0, clock_us=lambda: T0)
+    d.rebuild()
+    return d
+
+
+def worker(wid, credits=1, queues=("default",), labels=(), executors=("shell",)):
+    return WorkerInfo(wid, wid.encode(), concurrency=credits, credits=credits,
+                      queues=frozenset(queues), labels=frozenset(labels),
+                      executors=frozenset(executors), last_seen=1e18)
+
+
+def test_dispatch_highest_priority_first_then_fifo(h):
+    h.submit(wire("low1"), wire("high", prio=9), wire("low2"), wire("mid", prio=3))
+    d = make_dispatcher(h)
+    d.register(worker("w", credits=4))
+    assert [lease[0] for lease in d.assign(T0)] == ["high", "mid", "low1", "low2"]
+
+
+def test_dispatch_respects_queue_labels_and_executor(h):
+    h.submit(wire("gpu", labels=("gpu",)), wire("mail", queue="mail"),
+             wire("web", ttype="http"), wire("plain"))
+    d = make_dispatcher(h)
+    d.register(worker("cpu", credits=10))
+    assert [x[0] for x in d.assign(T0)] == ["plain"]
+    d.register(worker("big", credits=10, queues=("default", "mail"), labels=("gpu", "ssd"),
+                      executors=("shell", "http")))
+    assert sorted(x[0] for x in d.assign(T0)) == ["gpu", "mail", "web"]
+
+
+def test_dispatch_spreads_load_to_most_free_slots(h):
+    h.submit(*[wire(f"t{i}") for i in range(6)])
+    d = make_dispatcher(h)
+    d.register(worker("a", credits=4))
+    d.register(worker("b", credits=2))
+    leases = d.assign(T0)
+    per_worker = {w: sum(1 for x in leases if x[2] == w) for w in "ab"}
+    assert per_worker == {"a": 4, "b": 2}
+    assert [x[2] for x in leases[:2]] == ["a", "a"]  # a had more free slots at first
+
+
+def test_scheduled_tasks_wait_for_their_timer(h):
+    h.submit(wire("later", run_at=T0 + 2_000_000))
+    d = make_dispatcher(h)
+    d.register(worker("w", credits=1))
+    assert d.assign(T0) == []
+    d.fire_timers(T0 + 1_999_999)
+    assert d.assign(T0) == []
+    d.fire_timers(T0 + 2_000_000)
+    assert [x[0] for x in d.assign(T0)] == ["later"]
+
+
+def test_refused_lease_requeues_and_returns_the_credit(h):
+    h.submit(wire("a"))
+    d = make_dispatcher(h)
+    w = d.register(worker("w", credits=1))
+    [(tid, attempt, wid, _)] = d.assign(T0)
+    h.do(sm.CANCEL, [tid])  # cancelled before the lease applied
+    granted = h.do(sm.LEASE, [[tid, attempt, wid, 0]])
+    d.lease_settled(tid, wid, granted[0])
+    assert granted == [False] and w.credits == 1 and d.assign(T0) == []
+
+
+def test_lease_deadline_expires_a_running_task(h):
+    h.submit(wire("a", timeout=1.0))
+    d = make_dispatcher(h)
+    d.register(worker("w", credits=1))
+    [(tid, attempt, wid, deadline)] = d.assign(T0)
+    assert deadline == T0 + 11_000_000  # timeout + grace
+    h.do(sm.LEASE, [[tid, attempt, wid, deadline]])
+    d.lease_settled(tid, wid, True)
+    assert d.fire_timers(deadline - 1) == []
+    assert d.fire_timers(deadline) == [("a", 1, p.TIMED_OUT,
+                                        "lease deadline passed (timeout + grace)")]
+
+
+def test_new_leader_expects_workers_of_running_tasks(h):
+    h.submit(wire("a"))
+    h.lease("a", worker="w9")
+    d = make_dispatcher(h)
+    assert not d.workers["w9"].registered and d.workers["w9"].running == {"a"}
+    assert [w.id for w in d.dead_workers(now=1e12)] == ["w9"]
+
+
+def test_backoff_grows_caps_and_jitters():
+    retry = RetryPolicy(max_retries=10, initial=1.0, multiplier=2.0, max_delay=5.0, jitter=0)
+    assert [backoff_us(retry, n, random.Random(1)) // 1_000_000 for n in (1, 2, 3, 4)] == \
+        [1, 2, 4, 5]
+    jittery = RetryPolicy(initial=10.0, jitter=0.2)
+    samples = {backoff_us(jittery, 1, random.Random(s)) for s in range(50)}
+    assert len(samples) > 10 and all(8_000_000 <= x <= 12_000_000 for x in samples)
