@@ -1,7 +1,7 @@
-"""`dtask dev`: a local cluster on 127.0.0.1, one OS process per node, for laptops.
+"""`dtask dev`: a whole local cluster on 127.0.0.1 for laptops — three schedulers and
+two workers, one OS process each, state under one data directory.
 
-Until the scheduler daemon exists the cluster is three replicated key-value nodes;
-the command, ports and data directory layout stay the same when it grows workers.
+Started again on the same data directory it resumes the same cluster and its tasks.
 """
 
 from __future__ import annotations
@@ -31,28 +31,42 @@ def plan(data_dir: str, base_port: int, nodes: int = 3) -> list[DevNode]:
 
 
 def node_command(node: DevNode, peers: list[DevNode]) -> list[str]:
-    peer_arg = ",".join(f"{p.node_id}={p.raft}" for p in peers)
-    return [sys.executable, "-m", "dtask", "raft-node", "--id", str(node.node_id),
+    peer_arg = ",".join(f"{p.node_id}={p.raft}@{p.client}" for p in peers)
+    return [sys.executable, "-m", "dtask", "scheduler", "--id", str(node.node_id),
             "--data-dir", node.data_dir, "--raft", node.raft, "--client", node.client,
             "--peers", peer_arg]
 
 
-def run(data_dir: str, base_port: int, nodes: int = 3, echo=print) -> int:
+def worker_command(worker_id: str, endpoints: str) -> list[str]:
+    return [sys.executable, "-m", "dtask.worker", "--endpoint", endpoints, "--id", worker_id]
+
+
+def _spawn(cmd: list[str], log_dir: str, log_name: str) -> subprocess.Popen:
+    os.makedirs(log_dir, exist_ok=True)
+    with open(os.path.join(log_dir, log_name), "ab") as logf:
+        return subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT)
+
+
+def run(data_dir: str, base_port: int, nodes: int = 3, workers: int = 2, echo=print) -> int:
     cluster = plan(os.path.abspath(data_dir), base_port, nodes)
     procs = []
-    for node in cluster:
-        os.makedirs(node.data_dir, exist_ok=True)
-        logf = open(os.path.join(node.data_dir, "node.log"), "ab")  # noqa: SIM115 (child owns it)
-        procs.append(subprocess.Popen(node_command(node, cluster), stdout=logf,
-                                      stderr=subprocess.STDOUT))
     endpoints = ",".join(n.client for n in cluster)
-    echo(f"DTask dev cluster: {nodes} Raft nodes, data in {os.path.abspath(data_dir)}")
-    for node, proc in zip(cluster, procs, strict=True):
-        echo(f"  node {node.node_id}: clients {node.client}  raft {node.raft}  pid {proc.pid}"
-             f"  log {node.data_dir}/node.log")
-    echo(f"Try:  dtask kv --endpoints {endpoints} put greeting hello")
-    echo(f"      dtask kv --endpoints {endpoints} get greeting")
-    echo(f"      dtask kv --endpoints {endpoints} status")
+    for node in cluster:
+        procs.append(_spawn(node_command(node, cluster), node.data_dir, "node.log"))
+    worker_dir = os.path.join(os.path.abspath(data_dir), "workers")
+    for i in range(1, workers + 1):
+        procs.append(_spawn(worker_command(f"dev-worker-{i}", endpoints), worker_dir,
+                            f"worker{i}.log"))
+    echo(f"DTask dev cluster: {nodes} schedulers, {workers} workers, data in "
+         f"{os.path.abspath(data_dir)}")
+    for node, proc in zip(cluster, procs, strict=False):
+        echo(f"  scheduler {node.node_id}: clients {node.client}  raft {node.raft}  "
+             f"pid {proc.pid}  log {node.data_dir}/node.log")
+    echo(f"  workers: logs in {worker_dir}")
+    echo(f"Endpoints: {endpoints} (dtask.Client and dtaskctl use these by default)")
+    echo("Try:  .venv/bin/python -c \"import dtask; c = dtask.Client('" + endpoints + "'); "
+         "t = c.submit('shell', {'cmd': 'echo hello'}); print(c.wait(t)['status'], "
+         "c.logs(t))\"")
     echo("Stop with Ctrl-C.")
     stopping = False
 

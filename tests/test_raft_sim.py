@@ -15,6 +15,7 @@ REGRESSIONS = [
     (5, 10, "a delayed rejection moved a follower's next below its match, "
             "looping on the same snapshot forever"),
     (5, 54, "same as seed 25, with 5 voters"),
+    (3, 1785, "simulator: a spare whose lost addition was later committed had been retired"),
 ]
 
 

@@ -33,6 +33,16 @@ class SchedulerCluster:
     def endpoints(self) -> list[str]:
         return [m.client for m in self.members.values()]
 
+    def start_worker(self, worker_id: str, concurrency: int = 2, *args: str) -> subprocess.Popen:
+        """A real worker process (python -m dtask.worker) logging to root/<id>.log."""
+        cmd = [sys.executable, "-m", "dtask.worker", "--endpoint", ",".join(self.endpoints),
+               "--id", worker_id, "--concurrency", str(concurrency),
+               "--heartbeat-interval", "0.3", *args]
+        with open(os.path.join(self.root, f"{worker_id}.log"), "ab") as log:
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+        self.workers.append(proc)
+        return proc
+
     def start(self, node_id: int) -> Member:
         m = self.members[node_id]
         os.makedirs(m.data_dir, exist_ok=True)

@@ -298,7 +298,7 @@ class SchedulerServer:
 
     def _cluster(self, ident: bytes, rid: object, msg: dict) -> None:
         st = self.node.status()
-        st["client_endpoint"] = self.cfg.client_bind
+        st["endpoint"] = self.client_endpoints.get(self.cfg.node_id, self.cfg.client_bind)
         st["tasks"] = {s: len(self.state.ids_with_status(s)) for s in p.STATES}
         st["bad_requests"] = self.counters["bad_requests"]
         if self.dispatcher is not None:

@@ -107,6 +107,7 @@ class SimNode:
         self.disk = Disk()
         self.founder = founder
         self.joined = False  # a spare whose addition was proposed
+        self.removal_proposed = False
         self.alive = False
         self.retired = False
         self.raft: Raft
@@ -454,6 +455,8 @@ class Simulation:
             self.trace(f"{what} n{node_id} refused: {exc}")
             return
         self.trace(f"{what} n{node_id} proposed by n{leader.id}")
+        if what == "remove":
+            self.nodes[node_id].removal_proposed = True
         if what == "add":
             spare = self.nodes[node_id]
             spare.joined = True
@@ -475,7 +478,10 @@ class Simulation:
         members = leader.raft.conf.members()
         committed_conf = leader.raft.log.committed >= leader.raft.conf_history[-1][0]
         for n in self.nodes.values():
-            if committed_conf and not n.retired and n.ever_joined() and n.id not in members:
+            # Only a removal retires a node: a spare whose addition was lost with a
+            # leader may still be added when another leader commits that entry.
+            if (committed_conf and not n.retired and n.removal_proposed
+                    and n.id not in members):
                 n.retired = True
                 n.alive = False
                 n.fail_all("removed")

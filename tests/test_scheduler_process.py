@@ -1,0 +1,151 @@
+"""The scheduler end to end: 3 scheduler processes, real workers, the real client."""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+
+import pytest
+
+from dtask import protocol as p
+from dtask.broker.localcluster import SchedulerCluster
+from dtask.client import Client, Unavailable
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    c = SchedulerCluster(str(tmp_path), size=3, worker_timeout=1.5)
+    c.start_all()
+    c.wait_leader()
+    yield c
+    c.stop_all()
+
+
+@pytest.fixture
+def client(cluster):
+    with Client(cluster.endpoints, timeout=15) as c:
+        yield c
+
+
+def wait_all(client, ids, timeout=60.0) -> list[dict]:
+    return [client.wait(i, timeout=timeout) for i in ids]
+
+
+def started(task: dict, attempt: int = 1) -> float:
+    return task["attempts"][attempt - 1]["started_us"] / 1e6
+
+
+def test_shell_and_python_tasks_complete(cluster, client):
+    cluster.start_worker("w1", 2, "--import", "tests.tasks")
+    sh = client.submit("shell", {"cmd": "echo hello; echo oops >&2"})
+    py = client.submit("python", {"fn": "tests.tasks:add", "args": [2, 3]})
+    t_sh, t_py = wait_all(client, [sh, py])
+    assert t_sh["status"] == p.COMPLETED and t_py["status"] == p.COMPLETED
+    assert b"hello" in client.logs(sh) and b"oops" in client.logs(sh)
+    assert t_py["attempts"][0]["result"]  # msgpack of 5
+    import msgpack
+    assert msgpack.unpackb(t_py["attempts"][0]["result"]) == 5
+
+
+def test_priorities_are_honoured_when_workers_are_saturated(cluster, client):
+    blocker = client.submit("shell", {"cmd": "sleep 1"})
+    ids = {prio: client.submit("shell", {"cmd": "true"}, priority=prio) for prio in (1, 5, 3, 9)}
+    cluster.start_worker("w1", 1)  # one slot: the blocker runs first, the rest queue
+    wait_all(client, [blocker, *ids.values()])
+    order = sorted(ids, key=lambda prio: started(client.status(ids[prio])))
+    assert order == [9, 5, 3, 1]
+
+
+def test_delayed_task_starts_at_its_time_not_before(cluster, client):
+    cluster.start_worker("w1", 2)
+    before = time.time()
+    tid = client.submit("shell", {"cmd": "true"}, delay=1.5)
+    assert client.status(tid)["status"] == p.SCHEDULED
+    task = client.wait(tid, timeout=30)
+    assert task["status"] == p.COMPLETED
+    assert started(task) >= before + 1.5
+
+
+def test_retries_follow_the_backoff_policy(cluster, client):
+    cluster.start_worker("w1", 2)
+    tid = client.submit("shell", {"cmd": "exit 3"}, max_retries=2,
+                        backoff={"initial": 0.4, "multiplier": 2.0, "jitter": 0})
+    task = client.wait(tid, timeout=30)
+    assert task["status"] == p.FAILED
+    attempts = task["attempts"]
+    assert [a["outcome"] for a in attempts] == [p.ERRORED] * 3
+    assert [a["exit_code"] for a in attempts] == [3, 3, 3]
+    gap1 = attempts[1]["started_us"] - attempts[0]["finished_us"]
+    gap2 = attempts[2]["started_us"] - attempts[1]["finished_us"]
+    assert gap1 >= 0.4e6 and gap2 >= 0.8e6
+
+
+def test_cancel_pending_and_running_tasks(cluster, client):
+    pending = client.submit("shell", {"cmd": "true"})
+    assert client.cancel(pending)["status"] == p.CANCELLED
+    cluster.start_worker("w1", 2)
+    running = client.submit("shell", {"cmd": "sleep 30"})
+    deadline = time.monotonic() + 15
+    while client.status(running)["status"] != p.RUNNING:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    client.cancel(running)
+    task = client.wait(running, timeout=15)
+    assert task["status"] == p.CANCELLED
+    assert task["attempts"][-1]["outcome"] == p.KILLED
+    time.sleep(0.5)  # give a wrongly-dispatched cancelled task time to show up
+    assert client.status(pending)["attempts"] == []
+
+
+def test_worker_sigkill_mid_task_reruns_elsewhere(cluster, client):
+    w1 = cluster.start_worker("w1", 1)
+    tid = client.submit("shell", {"cmd": "sleep 1.5"})
+    deadline = time.monotonic() + 15
+    while client.status(tid)["status"] != p.RUNNING:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert client.status(tid)["attempts"][0]["worker"] == "w1"
+    w1.send_signal(signal.SIGKILL)
+    cluster.start_worker("w2", 1)
+    task = client.wait(tid, timeout=30)
+    assert task["status"] == p.COMPLETED
+    assert [a["worker"] for a in task["attempts"]] == ["w1", "w2"]
+    assert task["attempts"][0]["outcome"] == p.LOST
+
+
+def test_leader_sigkill_during_a_submit_stream_loses_nothing(cluster, client):
+    """10,000 tasks submitted in batches with idempotency keys while the leader dies:
+    every acknowledged task completes, and no key yields two tasks."""
+    cluster.start_worker("w1", 2, "--import", "tests.tasks")
+    cluster.start_worker("w2", 2, "--import", "tests.tasks")
+    leader = cluster.wait_leader()
+    acked: dict[str, str] = {}
+    killer = threading.Timer(0.01, cluster.kill, [leader])
+    for batch in range(100):
+        if batch == 30:
+            killer.start()  # dies while the next batches are in flight
+        tasks = [{"type": "python", "payload": {"fn": "tests.tasks:noop"},
+                  "idempotency_key": f"key-{batch}-{i}"} for i in range(100)]
+        for attempt in range(3):
+            try:
+                ids = client.submit_many(tasks)
+                break
+            except Unavailable:
+                if attempt == 2:
+                    raise
+        acked.update(zip((t["idempotency_key"] for t in tasks), ids, strict=True))
+    killer.join()
+    assert not cluster.alive(leader)
+    assert len(acked) == 10_000 and len(set(acked.values())) == 10_000
+    deadline = time.monotonic() + 120
+    while True:
+        done = client.list(status=[p.COMPLETED], limit=20_000)
+        if len(done) >= 10_000 or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    everything = client.list(limit=20_000)
+    assert len(everything) == 10_000  # no duplicates from retried batches
+    assert {t["id"] for t in done} == set(acked.values())
