@@ -44,7 +44,8 @@ VERSION = 1
 #   wait     task_id, timeout: seconds             task       task: {task}, done: bool
 #   logs     task_id, attempt?: int (0 = latest),  log_chunks attempt, data: bin, offset: int,
 #            offset?: int                                     done: bool
-#   cluster  -                                     cluster_info node: {...}, leader: endpoint
+#   cluster  -                                     cluster_info node: {...}, leader: endpoint,
+#                                                             workers: [{...}] (leader only)
 # task spec: type (required), payload: bin, content_type, name, priority: int (higher first),
 #   delay: s | at_us, timeout: s (0 = none), retry: {max_retries, initial, multiplier,
 #   max_delay, jitter}, queue, labels: [str], idempotency_key, task_id

@@ -114,8 +114,15 @@ class SchedulerServer:
         if self.node.is_leader:
             self._flush_pending(now_us)
             self._housekeeping(now_us)
-        self.node.process()
-        self._after_apply(now_us)
+        for _ in range(4):
+            self.node.process()
+            self._after_apply(now_us)
+            # Applying may have made new proposals (leases for newly submitted tasks,
+            # expirations): send them now, not a poll timeout later.
+            if not self.node.has_proposals():
+                break
+            if self.node.is_leader:
+                self.desk.flush(now_us)
 
     def _poll_timeout_ms(self) -> int:
         timeout = self.node.next_timeout_ms()
@@ -301,9 +308,17 @@ class SchedulerServer:
         st["endpoint"] = self.client_endpoints.get(self.cfg.node_id, self.cfg.client_bind)
         st["tasks"] = {s: len(self.state.ids_with_status(s)) for s in p.STATES}
         st["bad_requests"] = self.counters["bad_requests"]
+        fields = {"node": st, "leader": self.leader_endpoint()}
         if self.dispatcher is not None:
             st["dispatch"] = self.dispatcher.stats()
-        self.send(ident, p.reply(p.CLUSTER_INFO, rid, node=st, leader=self.leader_endpoint()))
+            now = time.monotonic()
+            fields["workers"] = [
+                {"id": w.id, "host": w.host, "pid": w.pid, "concurrency": w.concurrency,
+                 "credits": w.credits, "running": sorted(w.running), "queues": sorted(w.queues),
+                 "labels": sorted(w.labels), "executors": sorted(w.executors),
+                 "registered": w.registered, "last_seen_s": round(now - w.last_seen, 3)}
+                for w in self.dispatcher.workers.values()]
+        self.send(ident, p.reply(p.CLUSTER_INFO, rid, **fields))
 
     def _read(self, ident: bytes, rid: object, stale: bool, answer) -> None:
         """Linearizable by default (ReadIndex on the leader); stale reads on any node."""

@@ -85,7 +85,7 @@ class Task:
     @classmethod
     def from_wire(cls, w: list) -> Task:
         return cls(w[0], w[1], w[2], w[3], w[4], w[5], w[6], tuple(w[7]), w[8],
-                   RetryPolicy.from_wire(w[9]), w[10], w[11], w[12], w[13], w[14],
+                   _policy(w[9]), w[10], w[11], w[12], w[13], w[14],
                    [Attempt(*a) for a in w[15]], w[16], w[17])
 
     def to_dict(self, with_payload: bool = True) -> dict:
@@ -158,8 +158,7 @@ class TaskState:
                 self.seq += 1
                 status = p.SCHEDULED if run_at > now_us else p.PENDING
                 task = Task(task_id, name, ttype, payload, ctype, prio, queue, tuple(labels),
-                            timeout, RetryPolicy.from_wire(retry), key, now_us, self.seq,
-                            status, run_at)
+                            timeout, _policy(retry), key, now_us, self.seq, status, run_at)
                 self._add(task)
                 results.append([task_id, False])
             out.append(results)
@@ -289,6 +288,20 @@ _HANDLERS = {
     CANCEL: TaskState._cancel,
     PURGE: TaskState._purge,
 }
+
+
+_policies: dict[tuple, RetryPolicy] = {}
+
+
+def _policy(wire: list) -> RetryPolicy:
+    """Tasks mostly share a few retry policies: share the (immutable) objects too."""
+    key = tuple(wire)
+    policy = _policies.get(key)
+    if policy is None:
+        if len(_policies) > 10_000:
+            _policies.clear()
+        policy = _policies[key] = RetryPolicy.from_wire(wire)
+    return policy
 
 
 def command(kind: str, now_us: int, body: object) -> bytes:

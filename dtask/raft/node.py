@@ -114,6 +114,10 @@ class RaftNode:
             return
         self._proposals.append((data, callback))
 
+    def has_proposals(self) -> bool:
+        """Whether proposals or reads wait for the next `process()`."""
+        return bool(self._proposals or self._reads)
+
     def read(self, callback: Callback) -> None:
         """Call back (None, None) once a linearizable read of the state machine is safe."""
         if self.raft.role != Role.LEADER:
