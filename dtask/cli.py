@@ -126,8 +126,65 @@ def scheduler(node_id: int, data_dir: str, raft_bind: str, client_bind: str, pee
         sys.exit(2)
 
 
+def _csv(text: str) -> list[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
 @main.command()
 @click.option("--endpoints", envvar="DTASK_ENDPOINTS",
+              default=",".join(f"tcp://127.0.0.1:{DEFAULT_BASE_PORT + i}" for i in range(3)),
+              show_default=True, help="Scheduler client endpoints, comma-separated.")
+@click.option("--id", "worker_id", envvar="DTASK_WORKER_ID", default=None,
+              help="Worker id.  [default: HOSTNAME-PID]")
+@click.option("-c", "--concurrency", type=click.IntRange(min=1), default=None,
+              help="Task slots.  [default: number of CPUs]")
+@click.option("--queues", default="default", show_default=True,
+              help="Queues to take tasks from, comma-separated.")
+@click.option("--labels", default="", help="Labels for routing, comma-separated.")
+@click.option("--executors", default="shell,python,http", show_default=True,
+              help="Executors to offer: shell, python, http, docker.")
+@click.option("--import", "imports", multiple=True, metavar="MODULE",
+              help="Import MODULE in the Python pool (its @dtask.task functions); repeatable.")
+@click.option("--heartbeat-interval", type=click.FloatRange(min=0.01), default=1.0,
+              show_default=True, help="Seconds; the leader's `registered` reply may override.")
+@click.option("--drain-timeout", type=click.FloatRange(min=0), default=30.0,
+              show_default=True, help="On SIGTERM, seconds running tasks get to finish.")
+@click.option("--kill-grace", type=click.FloatRange(min=0), default=5.0, show_default=True,
+              help="Seconds between SIGTERM and SIGKILL on timeout or cancel.")
+@click.option("--ack-timeout", type=click.FloatRange(min=0), default=5.0, show_default=True,
+              help="On SIGTERM, seconds to wait for the leader to acknowledge results.")
+@click.option("--max-log-bytes", type=click.IntRange(min=0), default=1 << 20,
+              show_default=True, help="Output kept per attempt.")
+@click.option("--max-result-bytes", type=click.IntRange(min=0), default=64 << 10,
+              show_default=True, help="Largest packed return value.")
+@click.option("--python-pool-size", type=click.IntRange(min=0), default=0,
+              help="Warm Python processes.  [default: concurrency]")
+@click.option("--log-level", default="info", show_default=True)
+def worker(endpoints: str, worker_id: str | None, concurrency: int | None, queues: str,
+           labels: str, executors: str, imports: tuple[str, ...], heartbeat_interval: float,
+           drain_timeout: float, kill_grace: float, ack_timeout: float, max_log_bytes: int,
+           max_result_bytes: int, python_pool_size: int, log_level: str) -> None:
+    """Run a worker: execute the tasks the scheduler leader pushes to it."""
+    from .worker import WorkerConfig, run_worker
+
+    _setup_logging(log_level)
+    optional = {"worker_id": worker_id, "concurrency": concurrency}
+    try:
+        cfg = WorkerConfig(
+            endpoints=_csv(endpoints), queues=_csv(queues), labels=_csv(labels),
+            executors=_csv(executors), imports=list(imports),
+            heartbeat_interval=heartbeat_interval, drain_timeout=drain_timeout,
+            kill_grace=kill_grace, ack_timeout=ack_timeout, max_log_bytes=max_log_bytes,
+            max_result_bytes=max_result_bytes, python_pool_size=python_pool_size,
+            **{k: v for k, v in optional.items() if v is not None})
+    except ValueError as exc:
+        click.echo(f"dtask: {exc}", err=True)
+        sys.exit(2)
+    sys.exit(run_worker(cfg))
+
+
+@main.command()
+@click.option("--endpoints", envvar="DTASK_KV_ENDPOINTS",
               default=",".join(f"tcp://127.0.0.1:{DEFAULT_BASE_PORT + i}" for i in range(3)),
               show_default=True, help="Client endpoints in node-id order.")
 @click.option("--timeout", default=2.0, show_default=True)
@@ -135,7 +192,7 @@ def scheduler(node_id: int, data_dir: str, raft_bind: str, client_bind: str, pee
 @click.argument("key", required=False, default="")
 @click.argument("value", required=False)
 def kv(endpoints: str, timeout: float, op: str, key: str, value: str | None) -> None:
-    """Talk to the replicated key-value store of `dtask dev`."""
+    """Talk to a replicated key-value cluster of `dtask raft-node`s (the Raft layer alone)."""
     from .raft.kvclient import KVClient, KVError
 
     client = KVClient([e.strip() for e in endpoints.split(",") if e.strip()], timeout)

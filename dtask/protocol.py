@@ -52,10 +52,10 @@ VERSION = 1
 #
 # worker -> scheduler
 #   register  worker_id, host, pid, concurrency, queues: [str], labels: [str],
-#             executors: [str], running: [[task_id, attempt]]
+#             executors: [str], running: [[task_id, attempt]], credits?: int
 #             -> registered  heartbeat_interval: s, worker_timeout: s
 #   heartbeat worker_id, credits: int (free slots), running: [[task_id, attempt]]
-#             -> no reply; error UNKNOWN_WORKER (register again) or NOT_LEADER
+#             -> heartbeat_ack; or error UNKNOWN_WORKER (register again) or NOT_LEADER
 #   result    worker_id, task_id, attempt, outcome, exit_code: int|nil, error: str,
 #             result: bin (msgpack of the return value), log: bin (bounded output),
 #             started_us, finished_us, credits: int
@@ -77,7 +77,7 @@ LOGS, LOG_CHUNKS = "logs", "log_chunks"
 CLUSTER, CLUSTER_INFO = "cluster", "cluster_info"
 # worker -> scheduler
 REGISTER, REGISTERED = "register", "registered"
-HEARTBEAT = "heartbeat"  # no reply unless the scheduler does not know the worker
+HEARTBEAT, HEARTBEAT_ACK = "heartbeat", "heartbeat_ack"
 RESULT, RESULT_ACK = "result", "result_ack"
 LOG = "log"  # a chunk of a running attempt's output; no reply
 BYE = "bye"  # deregistration; no reply

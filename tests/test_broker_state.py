@@ -38,9 +38,9 @@ class Harness:
         attempt = attempt or self.s.tasks[task_id].attempt + 1
         return self.do(sm.LEASE, [[task_id, attempt, worker, deadline]], now)[0]
 
-    def result(self, task_id, attempt, outcome, retry_at=0, now=T0):
+    def result(self, task_id, attempt, outcome, retry_at=0, now=T0, worker="w1"):
         body = [[task_id, attempt, outcome, 0 if outcome == p.SUCCEEDED else 1, "", b"", b"",
-                 now, now, retry_at]]
+                 now, now, retry_at, worker]]
         return self.do(sm.RESULT, body, now)[0]
 
 
@@ -153,7 +153,7 @@ def test_replicas_applying_the_same_log_agree():
             cmd = (sm.LEASE, [[tid, rng.randint(1, 3), "w", 0]])
         elif choice < 0.8:
             cmd = (sm.RESULT, [[tid, rng.randint(1, 3), rng.choice(sorted(p.OUTCOMES)), 1, "",
-                                b"", b"", 0, 0, T0 + step]])
+                                b"", b"", 0, 0, T0 + step, "w"]])
         elif choice < 0.9:
             cmd = (sm.CANCEL, [tid])
         else:
@@ -176,9 +176,8 @@ def make_dispatcher(h):
 
 
 def worker(wid, credits=1, queues=("default",), labels=(), executors=("shell",)):
-    return WorkerInfo(wid, wid.encode(), concurrency=credits, credits=credits,
-                      queues=frozenset(queues), labels=frozenset(labels),
-                      executors=frozenset(executors), last_seen=1e18)
+    return WorkerInfo(wid, wid.encode(), concurrency=credits, queues=frozenset(queues),
+                      labels=frozenset(labels), executors=frozenset(executors), last_seen=1e18)
 
 
 def test_dispatch_highest_priority_first_then_fifo(h):
@@ -227,9 +226,10 @@ def test_refused_lease_requeues_and_returns_the_credit(h):
     w = d.register(worker("w", credits=1))
     [(tid, attempt, wid, _)] = d.assign(T0)
     h.do(sm.CANCEL, [tid])  # cancelled before the lease applied
+    assert w.free() == 0
     granted = h.do(sm.LEASE, [[tid, attempt, wid, 0]])
     d.lease_settled(tid, wid, granted[0])
-    assert granted == [False] and w.credits == 1 and d.assign(T0) == []
+    assert granted == [False] and w.free() == 1 and d.assign(T0) == []
 
 
 def test_lease_deadline_expires_a_running_task(h):
@@ -260,3 +260,13 @@ def test_backoff_grows_caps_and_jitters():
     jittery = RetryPolicy(initial=10.0, jitter=0.2)
     samples = {backoff_us(jittery, 1, random.Random(s)) for s in range(50)}
     assert len(samples) > 10 and all(8_000_000 <= x <= 12_000_000 for x in samples)
+
+
+def test_results_are_fenced_by_worker_as_well_as_attempt(h):
+    """A leader that died before a lease committed may have pushed attempt 1 to w1;
+    the next leader leases attempt 1 to w2. Only w2's result may count."""
+    h.submit(wire("a"))
+    h.lease("a", worker="w2")
+    assert h.result("a", 1, p.SUCCEEDED, worker="w1") == "stale"
+    assert h.s.tasks["a"].status == p.RUNNING
+    assert h.result("a", 1, p.SUCCEEDED, worker="w2") == p.COMPLETED

@@ -15,7 +15,6 @@ import pytest
 import zmq
 
 from dtask.raft.kvclient import KVError
-
 from dtask.raft.localcluster import Cluster
 
 pytestmark = pytest.mark.slow

@@ -1,4 +1,4 @@
-"""The leader's dispatch state: ready queues, timers, workers and their credits.
+"""The leader's dispatch state: ready queues, timers, workers and their free slots.
 
 None of this is replicated. A new leader builds it from the state machine alone
 (`rebuild`), then keeps it in step with `sync(task_id)` after every apply. Ready
@@ -34,10 +34,21 @@ class WorkerInfo:
     queues: frozenset[str] = frozenset()
     labels: frozenset[str] = frozenset()
     executors: frozenset[str] = frozenset()
-    credits: int = 0
     last_seen: float = 0.0  # time.monotonic()
     registered: bool = True  # False: known only from the state (a RUNNING lease)
-    running: set[str] = field(default_factory=set)
+    running: set[str] = field(default_factory=set)  # leases the state gives it
+    # Tasks pushed to it whose result has not arrived yet: what occupies its slots.
+    # Counted here rather than trusted from its heartbeats, whose "free slots" can
+    # be stale by the time they arrive (a heartbeat overtaken by a push).
+    assigned: set[str] = field(default_factory=set)
+    draining: bool = False  # it reported no free slot while we counted some: stop
+
+    def free(self) -> int:
+        return 0 if self.draining else self.concurrency - len(self.assigned)
+
+    def report_credits(self, credits: int) -> None:
+        """The worker's own count of free slots: only ever used to stop sending."""
+        self.draining = credits == 0 and len(self.assigned) < self.concurrency
 
     def serves(self, route: Route) -> bool:
         queue, labels, ttype = route
@@ -156,15 +167,19 @@ class Dispatcher:
 
     # ------------------------------------------------------------------ workers
 
-    def register(self, info: WorkerInfo) -> WorkerInfo:
+    def register(self, info: WorkerInfo, running: set[str] | None = None) -> WorkerInfo:
+        """`running`: the task ids the worker says occupy its slots right now."""
         old = self.workers.get(info.id)
         if old is not None:
             info.running = old.running  # leases survive a re-registration
+        info.assigned = set(running or ()) | {t for t in self.leasing
+                                        if old is not None and t in old.assigned}
         self.workers[info.id] = info
         return info
 
-    def retry_at_us(self, task: Task, now_us: int) -> int:
-        return now_us + backoff_us(task.retry, task.attempt, self.rng)
+    def retry_at_us(self, task: Task, now_us: int, attempt: int) -> int:
+        """When to retry after `attempt` failed: the leader's choice, carried in the entry."""
+        return now_us + backoff_us(task.retry, max(attempt, 1), self.rng)
 
     # ------------------------------------------------------------------ dispatch
 
@@ -176,23 +191,23 @@ class Dispatcher:
         """
         if not self.route_of:
             return []
-        heap = [(-w.credits, w.id) for w in self.workers.values() if w.registered and w.credits]
+        heap = [(-w.free(), w.id) for w in self.workers.values() if w.registered and w.free() > 0]
         heapq.heapify(heap)
         leases = []
         while heap:
-            neg_credits, worker_id = heapq.heappop(heap)
+            neg_free, worker_id = heapq.heappop(heap)
             worker = self.workers[worker_id]
             task = self._best_for(worker)
             if task is None:
                 continue  # nothing this worker can run; others may still find work
             self._unqueue(task.id)
             self.leasing.add(task.id)
-            worker.credits -= 1
+            worker.assigned.add(task.id)
             deadline = (now_us + int((task.timeout + self.lease_grace) * 1e6)
                         if task.timeout else 0)
             leases.append((task.id, task.attempt + 1, worker.id, deadline))
-            if worker.credits:
-                heapq.heappush(heap, (neg_credits + 1, worker_id))
+            if worker.free() > 0:
+                heapq.heappush(heap, (neg_free + 1, worker_id))
         return leases
 
     def _best_for(self, worker: WorkerInfo) -> Task | None:
@@ -211,7 +226,7 @@ class Dispatcher:
         if not granted:
             worker = self.workers.get(worker_id)
             if worker is not None:
-                worker.credits += 1
+                worker.assigned.discard(task_id)
         self.sync(task_id)
 
     def stats(self) -> dict:

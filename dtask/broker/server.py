@@ -314,7 +314,8 @@ class SchedulerServer:
             now = time.monotonic()
             fields["workers"] = [
                 {"id": w.id, "host": w.host, "pid": w.pid, "concurrency": w.concurrency,
-                 "credits": w.credits, "running": sorted(w.running), "queues": sorted(w.queues),
+                 "free_slots": w.free(), "running": sorted(w.assigned),
+                 "queues": sorted(w.queues),
                  "labels": sorted(w.labels), "executors": sorted(w.executors),
                  "registered": w.registered, "last_seen_s": round(now - w.last_seen, 3)}
                 for w in self.dispatcher.workers.values()]

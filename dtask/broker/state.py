@@ -177,14 +177,16 @@ class TaskState:
         return granted
 
     def _result(self, now_us: int, results: list) -> list[str]:
-        """Results reported by workers; a result for any but the current attempt is stale."""
+        """Results reported by workers; one for any but the current attempt is stale."""
         out = []
         for (task_id, number, outcome, exit_code, error, result, log, started_us, finished_us,
-             retry_at_us) in results:
+             retry_at_us, worker) in results:
             task = self.tasks.get(task_id)
             current = task.current() if task else None
+            # Fenced by attempt number and worker: a leader that died before a lease
+            # committed may have pushed the same attempt number to another worker.
             if task is None or task.status != p.RUNNING or current is None \
-                    or current.number != number:
+                    or current.number != number or current.worker != worker:
                 out.append("stale")
                 continue
             current.exit_code, current.error, current.result, current.log = (

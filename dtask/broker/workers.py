@@ -54,7 +54,8 @@ class WorkerDesk:
         worker.last_seen = time.monotonic()
         worker.ident = ident
         if t == p.HEARTBEAT:
-            worker.credits = p.get_int(msg, "credits", lo=0, hi=100_000)
+            worker.report_credits(p.get_int(msg, "credits", lo=0, hi=100_000))
+            srv.send(ident, p.reply(p.HEARTBEAT_ACK, rid))
         elif t == p.RESULT:
             self._result(ident, worker, msg)
         elif t == p.LOG:
@@ -74,17 +75,21 @@ class WorkerDesk:
             executors=frozenset(p.get_str_list(msg, "executors")),
             last_seen=time.monotonic())
         running = msg.get("running", [])
-        if not isinstance(running, list):
-            raise p.ProtocolError(p.BAD_REQUEST, "field running must be a list")
-        info.credits = max(0, p.get_int(msg, "credits", info.concurrency - len(running),
-                                        lo=0, hi=100_000))
-        info = self.server.dispatcher.register(info)
+        if not isinstance(running, list) or not all(
+                isinstance(r, list) and len(r) == 2 and isinstance(r[0], str) for r in running):
+            raise p.ProtocolError(p.BAD_REQUEST, "field running must be [[task_id, attempt]]")
+        known = self.server.dispatcher.workers.get(worker_id)
+        info = self.server.dispatcher.register(info, {r[0] for r in running})
+        info.report_credits(p.get_int(msg, "credits", info.free(), lo=0, hi=100_000))
         self.server.send(ident, p.reply(p.REGISTERED, rid,
                                         heartbeat_interval=self.server.cfg.heartbeat_interval,
                                         worker_timeout=self.server.cfg.worker_timeout))
         self._reconcile(info, running)
-        log.info("event=worker_registered worker=%s host=%s pid=%d concurrency=%d queues=%s",
-                 worker_id, info.host, info.pid, info.concurrency, ",".join(sorted(info.queues)))
+        # A worker re-registering with the same leader (a liveness probe) is not news.
+        level = logging.DEBUG if known is not None and known.registered else logging.INFO
+        log.log(level, "event=worker_registered worker=%s host=%s pid=%d concurrency=%d "
+                "queues=%s", worker_id, info.host, info.pid, info.concurrency,
+                ",".join(sorted(info.queues)))
 
     def _reconcile(self, worker: WorkerInfo, running: list) -> None:
         """Kill attempts a worker runs that the state no longer gives it."""
@@ -110,24 +115,32 @@ class WorkerDesk:
         result, output = msg.get("result", b""), msg.get("log", b"")
         if not isinstance(result, bytes) or not isinstance(output, bytes):
             raise p.ProtocolError(p.BAD_REQUEST, "fields result and log must be binary")
+        worker.assigned.discard(task_id)  # its slot is free as of now
         if "credits" in msg:
-            worker.credits = p.get_int(msg, "credits", lo=0, hi=100_000)
+            worker.report_credits(p.get_int(msg, "credits", lo=0, hi=100_000))
         task = self.server.state.get(task_id)
         now_us = time.time_ns() // 1000
-        retry_at = self.server.dispatcher.retry_at_us(task, now_us) if task else 0
+        # The backoff follows the reported attempt: with dispatch ahead of the lease's
+        # commit, the state may not count that attempt yet.
+        retry_at = self.server.dispatcher.retry_at_us(task, now_us, number) if task else 0
         self.results.append((ident, [
             task_id, number, outcome, exit_code, p.get_str(msg, "error", "", max_len=4096),
             result[:p.MAX_RESULT], output[-p.MAX_LOG:], p.get_int(msg, "started_us", 0, lo=0),
-            p.get_int(msg, "finished_us", 0, lo=0), retry_at]))
+            p.get_int(msg, "finished_us", 0, lo=0), retry_at, worker.id]))
         self.live_logs.pop((task_id, number), None)
 
     def _log(self, msg: dict) -> None:
         key = (p.task_id_of(msg), p.get_int(msg, "attempt", lo=1))
+        offset = p.get_int(msg, "offset", 0, lo=0)
         data = msg.get("data", b"")
         task = self.server.state.get(key[0])
         if not isinstance(data, bytes) or task is None or task.status != p.RUNNING:
             return
         buf = self.live_logs.setdefault(key, bytearray())
+        if offset > len(buf):  # a chunk went missing: say so instead of splicing silently
+            buf += f"\n[dtask: {offset - len(buf)} bytes of live output lost]\n".encode()
+        elif offset < len(buf):
+            data = data[len(buf) - offset:]  # a repeat of what we have
         buf += data[:max(0, MAX_LIVE_LOG - len(buf))]
 
     def live_log(self, task_id: str, attempt: int) -> bytes:
@@ -159,31 +172,45 @@ class WorkerDesk:
         expired = d.fire_timers(now_us)
         for task_id, number, outcome, reason in expired:
             task = self.server.state.tasks[task_id]
-            self.expired.append([task_id, number, outcome, reason, d.retry_at_us(task, now_us)])
+            self.expired.append([task_id, number, outcome, reason,
+                                 d.retry_at_us(task, now_us, number)])
             self.kill(task)
         leases = d.assign(now_us)
         if leases:
             self.server.propose(sm.LEASE, now_us, [list(x) for x in leases],
                                 lambda res, err, b=leases: self._leases_applied(b, res, err))
+            self._push(leases)
         if self.expired and self.server.node.is_leader:
             self.flush(now_us)
+
+    def _push(self, leases: list[tuple[str, int, str, int]]) -> None:
+        """Send tasks to their workers now, while their leases commit in the background.
+
+        Pushing before the lease commits saves a quorum round on every task. If this
+        leader dies before the lease commits, the next one sees the task still queued
+        and runs it again: a duplicate execution, which at-least-once allows; the
+        first run's result is then fenced off by its attempt number and worker.
+        """
+        runs: dict[str, list[dict]] = {}
+        for task_id, number, worker_id, _ in leases:
+            t = self.server.state.tasks[task_id]
+            runs.setdefault(worker_id, []).append(
+                {"task_id": t.id, "attempt": number, "type": t.type, "payload": t.payload,
+                 "content_type": t.content_type, "timeout": t.timeout, "name": t.name})
+        for worker_id, tasks in runs.items():
+            self.server.send(self.server.dispatcher.workers[worker_id].ident,
+                             p.pack({"v": p.VERSION, "t": p.RUN, "tasks": tasks}))
 
     def _leases_applied(self, leases, granted, err: Exception | None) -> None:
         d = self.server.dispatcher
         if err is not None or d is None:
             return  # leadership lost: the next leader rebuilds from the state
-        runs: dict[str, list[dict]] = {}
         for (task_id, number, worker_id, _), ok in zip(leases, granted, strict=True):
             d.lease_settled(task_id, worker_id, ok)
             worker = d.workers.get(worker_id)
-            if ok and worker is not None:
-                t = self.server.state.tasks[task_id]
-                runs.setdefault(worker_id, []).append(
-                    {"task_id": t.id, "attempt": number, "type": t.type, "payload": t.payload,
-                     "content_type": t.content_type, "timeout": t.timeout, "name": t.name})
-        for worker_id, tasks in runs.items():
-            self.server.send(d.workers[worker_id].ident,
-                             p.pack({"v": p.VERSION, "t": p.RUN, "tasks": tasks}))
+            if not ok and worker is not None:  # e.g. cancelled meanwhile: stop that run
+                self.server.send(worker.ident, p.pack({"v": p.VERSION, "t": p.KILL,
+                                                       "task_id": task_id, "attempt": number}))
 
     def kill(self, task: sm.Task) -> None:
         d = self.server.dispatcher

@@ -1,0 +1,377 @@
+"""The worker daemon: one poll loop that takes tasks, runs them and reports them.
+
+Everything happens on the loop's thread (DESIGN.md principle 5): scheduler messages,
+child output (pipes), child exits (pidfds), signals (a wakeup pipe) and timers. The
+loop never blocks on a task; blocking work lives in child processes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+import zmq
+
+from .. import protocol as p
+from . import signals
+from .config import WorkerConfig
+from .connection import Connection
+from .executors import NEEDS_POOL, Context, Finished, Handle, TaskError, build
+from .logbuf import LogBuffer
+from .outbox import Key, Outbox
+from .pool import PythonPool
+from .reactor import Reactor
+
+log = logging.getLogger("dtask.worker.runner")
+
+MAX_ERROR = 4096  # characters of an error message sent with a result
+RECENT = 10_000  # finished attempts remembered, so a repeated `run` does not run them again
+SHUTTING_DOWN = "worker shutting down"
+
+
+def now_us() -> int:
+    return time.time_ns() // 1000
+
+
+@dataclass(slots=True)
+class Job:
+    """One running attempt."""
+
+    key: Key
+    type: str
+    timeout: float
+    log: LogBuffer
+    started_us: int
+    deadline: float = 0.0  # monotonic; 0.0: no timeout
+    handle: Handle | None = None
+    stop_outcome: str = ""  # set once the worker decided to stop it: the outcome to report
+    stop_error: str = ""
+    kill_at: float = 0.0  # SIGKILL due (SIGTERM was sent)
+
+
+class Worker:
+    def __init__(self, config: WorkerConfig, zctx: zmq.Context | None = None) -> None:
+        self.config = config
+        self.own_zctx = zctx is None
+        self.zctx = zctx or zmq.Context()
+        self.reactor = Reactor()
+        use_pool = bool(set(config.executors) & NEEDS_POOL)
+        self.pool = PythonPool(self.reactor, config.python_pool_size,
+                               config.imports) if use_pool else None
+        self.executors = build(config.executors, Context(config, self.reactor, self.pool))
+        self.jobs: dict[Key, Job] = {}
+        self.outbox = Outbox(config.max_outbox)
+        self.recent: OrderedDict[Key, None] = OrderedDict()  # finished (and maybe acked)
+        self.conn = Connection(self.zctx, config, self.reactor, on_message=self._on_message,
+                               on_error=self._on_error, registration=self._registration,
+                               heartbeat=self._heartbeat, on_registered=self._on_registered)
+        self.host = socket.gethostname()
+        self.draining = False
+        self.drain_deadline = 0.0
+        self.ack_deadline = 0.0
+        self.done = False
+        self.next_flush = 0.0
+        self.next_resend = 0.0
+        self.signals = 0
+        self.signals_seen = 0
+
+    # -- what the scheduler is told -----------------------------------------------
+
+    def credits(self) -> int:
+        if self.draining or self.outbox.full():
+            return 0
+        return max(0, self.config.concurrency - len(self.jobs))
+
+    def _running(self) -> list[list]:
+        return [[task_id, attempt] for task_id, attempt in self.jobs]
+
+    def _registration(self) -> dict:
+        c = self.config
+        return {"worker_id": c.worker_id, "host": self.host, "pid": os.getpid(),
+                "concurrency": c.concurrency, "queues": list(c.queues),
+                "labels": list(c.labels), "executors": list(self.executors),
+                "running": self._running(), "credits": self.credits()}  # 0 while draining
+
+    def _heartbeat(self) -> dict:
+        return {"worker_id": self.config.worker_id, "credits": self.credits(),
+                "running": self._running()}
+
+    def _on_registered(self, changed: bool) -> None:
+        now = time.monotonic()
+        for key in self.outbox.pending_keys():  # whatever the previous leader did not acknowledge
+            self._send_result(key, now)
+
+    # -- messages from the scheduler ----------------------------------------------
+
+    def _on_message(self, ep: str, msg: dict) -> None:
+        t = msg["t"]
+        try:
+            if t == p.RUN:
+                tasks = msg.get("tasks")
+                if not isinstance(tasks, list):
+                    raise p.ProtocolError(p.BAD_REQUEST, "run: field tasks must be a list")
+                now = time.monotonic()
+                for raw in tasks:  # one bad entry must not cost the others their run
+                    try:
+                        self._start(raw, now)
+                    except p.ProtocolError as exc:
+                        log.warning("event=bad_task endpoint=%s error=%r", ep, exc.message)
+            elif t == p.KILL:
+                self._on_kill(msg)
+            elif t == p.RESULT_ACK:
+                self._on_ack(msg)
+            else:
+                raise p.ProtocolError(p.BAD_REQUEST, f"unexpected message type {t!r}")
+        except p.ProtocolError as exc:
+            log.warning("event=bad_message endpoint=%s type=%s error=%r", ep, t, exc.message)
+        except Exception:  # a bug must not take the worker (and its tasks) down
+            log.exception("event=handler_failed endpoint=%s type=%s", ep, t)
+
+    def _on_error(self, ep: str, msg: dict) -> None:
+        key = self.outbox.key_of(msg.get("id"))
+        code, text = msg.get("code"), msg.get("message")
+        if key is None:
+            log.warning("event=scheduler_error endpoint=%s code=%s message=%r", ep, code, text)
+            return
+        log.error("event=result_refused task_id=%s attempt=%s code=%s message=%r",
+                  key[0], key[1], code, text)
+        entry = self.outbox.entries[key]
+        if code in (p.TOO_LARGE, p.BAD_REQUEST) and (entry.msg["log"] or entry.msg["result"]):
+            # keep the outcome, drop the bulky parts, say why; resent on the next round
+            entry.msg.update(log=b"", result=b"", error=_clip(
+                f"{entry.msg.get('error', '')} [dtask: result and log dropped: the "
+                f"scheduler refused them: {code}: {text}]"))
+            entry.sent_at = 0.0
+
+    def _on_kill(self, msg: dict) -> None:
+        key = (p.task_id_of(msg), p.get_int(msg, "attempt", lo=0))
+        job = self.jobs.get(key)
+        if job is None:
+            log.info("event=kill_ignored task_id=%s attempt=%d reason=not_running", *key)
+            return
+        self._stop(job, p.KILLED, "cancelled on request", time.monotonic())
+
+    def _on_ack(self, msg: dict) -> None:
+        key = (p.task_id_of(msg), p.get_int(msg, "attempt", lo=0))
+        if self.outbox.ack(key) and msg.get("accepted") is False:
+            log.info("event=result_stale task_id=%s attempt=%d", *key)
+
+    # -- running tasks ------------------------------------------------------------
+
+    def _start(self, raw: Any, now: float) -> None:
+        if not isinstance(raw, dict):
+            raise p.ProtocolError(p.BAD_REQUEST, "run: each task must be a map")
+        key = (p.task_id_of(raw), p.get_int(raw, "attempt", lo=0))
+        if key in self.jobs or key in self.recent:
+            log.info("event=duplicate_run task_id=%s attempt=%d", *key)
+            return
+        if self.draining:
+            return self._report(key, p.LOST, SHUTTING_DOWN)
+        if len(self.jobs) >= self.config.concurrency:
+            return self._report(key, p.LOST, f"worker {self.config.worker_id} has no free slot"
+                                f" (concurrency {self.config.concurrency})")
+        try:
+            kind = p.get_str(raw, "type", max_len=64)
+            content_type = p.get_str(raw, "content_type", p.JSON, max_len=100)
+            timeout = p.get_num(raw, "timeout", 0.0)
+            payload = raw.get("payload", b"")
+            if not isinstance(payload, bytes):
+                raise p.ProtocolError(p.BAD_REQUEST, "field payload must be binary")
+        except p.ProtocolError as exc:
+            return self._report(key, p.ERRORED, f"bad run message: {exc.message}")
+        executor = self.executors.get(kind)
+        if executor is None:  # misrouted: let another worker have it
+            return self._report(key, p.LOST, f"worker {self.config.worker_id} has no "
+                                f"{kind!r} executor (it offers {', '.join(self.executors)})")
+        job = Job(key, kind, timeout, LogBuffer(self.config.max_log_bytes), now_us())
+        self.jobs[key] = job
+        try:
+            spec = executor.parse(executor.decode(payload, content_type))
+            job.handle = executor.start(spec, raw, lambda data: self._output(job, data),
+                                        lambda fin: self._finished(job, fin))
+        except TaskError as exc:
+            self.jobs.pop(key, None)
+            return self._report(key, p.ERRORED, str(exc), started_us=job.started_us)
+        except Exception as exc:
+            log.exception("event=start_failed task_id=%s attempt=%d", *key)
+            self.jobs.pop(key, None)
+            return self._report(key, p.ERRORED, f"worker error starting the task: {exc!r}")
+        if timeout:
+            job.deadline = now + timeout
+        log.debug("event=task_started task_id=%s attempt=%d type=%s", key[0], key[1], kind)
+
+    def _output(self, job: Job, data: bytes) -> None:
+        job.log.write(data)
+        if job.log.pending() >= self.config.log_flush_bytes:
+            self._flush_log(job)
+
+    def _flush_log(self, job: Job) -> None:
+        if self.conn.leader is None:
+            return  # streaming is best effort; the result carries the whole log
+        offset, data = job.log.unsent()
+        self.conn.send({"v": p.VERSION, "t": p.LOG, "worker_id": self.config.worker_id,
+                        "task_id": job.key[0], "attempt": job.key[1], "offset": offset,
+                        "data": data})
+
+    def _stop(self, job: Job, outcome: str, error: str, now: float) -> None:
+        """SIGTERM now, SIGKILL after the grace period; report `outcome` when it ends."""
+        if job.stop_outcome:
+            return  # already stopping; the first reason stands
+        job.stop_outcome, job.stop_error = outcome, error
+        job.kill_at = now + self.config.kill_grace
+        log.info("event=task_stopping task_id=%s attempt=%d outcome=%s reason=%r",
+                 job.key[0], job.key[1], outcome, error)
+        if job.handle is not None:
+            job.handle.signal(signal.SIGTERM)
+
+    def _finished(self, job: Job, fin: Finished) -> None:
+        self.jobs.pop(job.key, None)
+        outcome, error = fin.outcome, fin.error
+        if job.stop_outcome:  # the worker's decision wins over how the process ended
+            outcome = job.stop_outcome
+            error = f"{job.stop_error} ({fin.error})" if fin.error else job.stop_error
+        self._report(job.key, outcome, error, exit_code=fin.exit_code, result=fin.result,
+                     log_data=job.log.value(), started_us=fin.started_us or job.started_us)
+
+    def _report(self, key: Key, outcome: str, error: str, *, exit_code: int | None = None,
+                result: bytes = b"", log_data: bytes = b"", started_us: int = 0) -> None:
+        finished = now_us()
+        self.recent[key] = None
+        if len(self.recent) > RECENT:
+            self.recent.popitem(last=False)
+        self.outbox.add(key, {
+            "v": p.VERSION, "t": p.RESULT, "worker_id": self.config.worker_id,
+            "task_id": key[0], "attempt": key[1], "outcome": outcome, "exit_code": exit_code,
+            "error": _clip(error), "result": result, "log": log_data,
+            "started_us": started_us or finished, "finished_us": finished})
+        self._send_result(key, time.monotonic())
+        level = logging.DEBUG if outcome == p.SUCCEEDED else logging.INFO
+        if log.isEnabledFor(level):
+            log.log(level, "event=task_finished task_id=%s attempt=%d outcome=%s exit_code=%s "
+                    "duration_ms=%.1f error=%r", key[0], key[1], outcome, exit_code,
+                    (finished - (started_us or finished)) / 1000, _clip(error, 200))
+
+    def _send_result(self, key: Key, now: float) -> None:
+        entry = self.outbox.entries.get(key)
+        if entry is None:
+            return
+        rid = self.conn.next_id()
+        if self.conn.send({**entry.msg, "id": rid, "credits": self.credits()}):
+            self.outbox.sent(key, rid, now)
+
+    # -- timers ---------------------------------------------------------------------
+
+    def _tick(self, now: float) -> float:
+        """Run what is due; return when something is due next."""
+        due = self.conn.tick(now)
+        for job in list(self.jobs.values()):
+            if job.deadline and not job.stop_outcome and now >= job.deadline:
+                self._stop(job, p.TIMED_OUT, f"timed out after {job.timeout:g} s", now)
+            if job.kill_at:
+                if now >= job.kill_at:
+                    job.kill_at = 0.0
+                    if job.handle is not None:
+                        job.handle.signal(signal.SIGKILL)
+                else:
+                    due = min(due, job.kill_at)
+            elif job.deadline:
+                due = min(due, job.deadline)
+        if self.jobs:
+            if now >= self.next_flush:
+                for job in self.jobs.values():
+                    if job.log.pending():
+                        self._flush_log(job)
+                self.next_flush = now + self.config.log_flush_interval
+            due = min(due, self.next_flush)
+        if self.outbox:
+            interval = self.config.result_resend_interval
+            if now >= self.next_resend:
+                for key in self.outbox.due(now, interval):
+                    self._send_result(key, now)
+                self.next_resend = now + interval / 4
+            due = min(due, self.next_resend)
+        if self.pool is not None:
+            respawn = self.pool.tick(now)
+            if respawn is not None:
+                due = min(due, respawn)
+        if self.draining:
+            due = min(due, self._drain_tick(now))
+        return due
+
+    def _drain_tick(self, now: float) -> float:
+        if self.jobs:
+            if now < self.drain_deadline:
+                return self.drain_deadline
+            for job in list(self.jobs.values()):
+                self._stop(job, p.LOST, SHUTTING_DOWN, now)
+            return now + 1.0
+        if not self.ack_deadline:
+            self.ack_deadline = now + self.config.ack_timeout
+        if not self.outbox or now >= self.ack_deadline:
+            self.done = True
+        return min(self.ack_deadline, now + 0.05)
+
+    # -- life cycle -------------------------------------------------------------------
+
+    def request_stop(self) -> None:
+        """Drain: the first call stops taking tasks, a second one stops waiting for them."""
+        now = time.monotonic()
+        if not self.draining:
+            self.draining = True
+            self.drain_deadline = now + self.config.drain_timeout
+            self.conn.heartbeat_now()  # credits 0, at once
+            log.info("event=draining running=%d drain_timeout=%g", len(self.jobs),
+                     self.config.drain_timeout)
+        else:
+            self.drain_deadline = now
+            log.info("event=drain_cut_short running=%d", len(self.jobs))
+
+    def _on_signal(self) -> None:
+        self.signals += 1  # a signal handler: the loop acts on it
+
+    def run(self) -> int:
+        restore = signals.install(self.reactor, self._on_signal)
+        c = self.config
+        log.info("event=worker_started worker_id=%s pid=%d concurrency=%d executors=%s "
+                 "endpoints=%s", c.worker_id, os.getpid(), c.concurrency,
+                 ",".join(self.executors), ",".join(c.endpoints))
+        try:
+            while not self.done:
+                if self.signals != self.signals_seen:
+                    self.signals_seen += 1
+                    self.request_stop()
+                    continue
+                due = self._tick(time.monotonic())
+                if self.done:
+                    break
+                self.reactor.poll(max(0.0, due - time.monotonic()))
+        finally:
+            self._close()
+            restore()
+        return 0
+
+    def _close(self) -> None:
+        if self.outbox:
+            log.warning("event=results_unacknowledged count=%d keys=%s", len(self.outbox),
+                        self.outbox.pending_keys()[:20])
+        if self.conn.leader is not None:
+            self.conn.send({"v": p.VERSION, "t": p.BYE, "worker_id": self.config.worker_id})
+        for job in self.jobs.values():  # only after an unexpected exit from the loop
+            if job.handle is not None:
+                job.handle.signal(signal.SIGKILL)
+        if self.pool is not None:
+            self.pool.close()
+        self.conn.close(linger=1.0)
+        if self.own_zctx:
+            self.zctx.term()
+        log.info("event=worker_stopped worker_id=%s", self.config.worker_id)
+
+
+def _clip(text: str, limit: int = MAX_ERROR) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"

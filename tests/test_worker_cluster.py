@@ -1,0 +1,138 @@
+"""End-to-end: a real worker against fake schedulers — finding the leader, failing
+over with unacknowledged results, and draining on SIGTERM/SIGINT."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Iterator
+
+import msgpack
+import pytest
+
+from dtask import protocol as p
+from dtask.worker.testing import FakeScheduler, WorkerProcess, task
+
+pytestmark = pytest.mark.slow
+
+FAST = ["--heartbeat-interval", "0.1", "--register-timeout", "0.3", "--log-level", "debug"]
+
+
+@pytest.fixture
+def fakes() -> Iterator[list[FakeScheduler]]:
+    made = [FakeScheduler().start() for _ in range(2)]
+    yield made
+    for f in made:
+        f.close()
+
+
+def finish(worker: WorkerProcess, expect_code: int = 0, sig: int = signal.SIGTERM) -> str:
+    if worker.proc.poll() is None:
+        worker.proc.send_signal(sig)
+    try:
+        code = worker.proc.wait(15)
+    finally:
+        out = worker.output()
+        print(out[-20000:])
+        worker.close()
+    assert code == expect_code
+    return out
+
+
+def test_follows_the_leader_hint_and_fails_over_with_its_unacked_results(
+        fakes: list[FakeScheduler]) -> None:
+    a, b = fakes
+    a.mode, a.leader_hint = "not_leader", b.endpoint
+    b.drop_results = 1000  # B never acknowledges
+    worker = WorkerProcess([a.endpoint], "--id", "w-lc", "--result-resend-interval", "30",
+                           *FAST)
+    try:
+        b.wait_for(lambda: b.messages(p.HEARTBEAT), 10, "heartbeats at B (from A's hint)")
+        assert a.messages(p.REGISTER) and not a.messages(p.HEARTBEAT)
+        b.run(task("lc-1", "shell", {"cmd": "echo one"}),
+              task("lc-2", "shell", {"cmd": "sleep 1; echo two"}))
+        first = b.wait_result("lc-1")
+        b.wait_for(lambda: [h for h in b.messages(p.HEARTBEAT)
+                            if h["running"] == [["lc-2", 1]]], 5, "lc-2 running")
+        # B goes quiet (a dead or partitioned leader); A wins the election
+        b.mode, a.mode = "silent", "leader"
+        reg = a.wait_for(lambda: [r for r in a.messages(p.REGISTER) if r["running"]], 10,
+                         "a register at A")[0]
+        assert reg["running"] == [["lc-2", 1]] and reg["worker_id"] == "w-lc"
+        again = a.wait_result("lc-1", 5)  # resent because of the re-registration
+        for k in ("task_id", "attempt", "outcome", "log", "started_us", "finished_us"):
+            assert again[k] == first[k]
+        assert again["log"] == b"one\n"
+        second = a.wait_result("lc-2", 5)
+        assert second["outcome"] == p.SUCCEEDED and second["log"] == b"two\n"
+        assert not b.results("lc-2")
+        a.wait_for(lambda: len(a.messages(p.HEARTBEAT)) >= 3, 5, "heartbeats at A")
+        time.sleep(0.5)
+        assert len(a.results("lc-1")) == 1  # acknowledged by A: not sent again
+    finally:
+        out = finish(worker)
+    assert "event=not_leader" in out and "event=register_timeout" in out
+    assert a.messages(p.BYE)
+
+
+def test_skips_an_endpoint_that_does_not_answer(fakes: list[FakeScheduler]) -> None:
+    dead, live = fakes
+    dead.mode = "silent"
+    live.heartbeat_interval = 0.05  # the leader's `registered` reply overrides ours
+    worker = WorkerProcess([dead.endpoint, live.endpoint], *FAST)
+    try:
+        live.wait_for(lambda: live.messages(p.HEARTBEAT), 10, "heartbeats at the live one")
+        assert dead.messages(p.REGISTER) and not dead.messages(p.HEARTBEAT)
+        live.run(task("sk-1", "python", {"fn": "operator:add", "args": [1, 2]}))
+        assert live.wait_result("sk-1")["outcome"] == p.SUCCEEDED
+    finally:
+        out = finish(worker)
+    assert f"event=registered leader={live.endpoint} heartbeat_interval=0.05" in out
+
+
+def test_sigterm_drains_reports_and_says_bye(fakes: list[FakeScheduler]) -> None:
+    fake = fakes[0]
+    worker = WorkerProcess([fake.endpoint], "--concurrency", "3", "--drain-timeout", "1.0",
+                           "--kill-grace", "0.3", *FAST)
+    fake.wait_for(lambda: fake.messages(p.HEARTBEAT), 10, "heartbeats")
+    pid_task = task("dr-0", "python", {"fn": "os:getpid"})
+    fake.run(pid_task)
+    pool_pid = msgpack.unpackb(fake.wait_result("dr-0")["result"])
+    fake.run(task("dr-short", "shell", {"cmd": "sleep 0.4; echo short done"}),
+             task("dr-long", "shell", {"cmd": "echo started; sleep 30"}))
+    fake.wait_for(lambda: fake.log_chunks("dr-long"), 5, "dr-long to start")
+    worker.proc.send_signal(signal.SIGTERM)
+    n = len(fake.messages())
+    fake.wait_for(lambda: [m for m in fake.messages()[n:]
+                           if m["t"] == p.HEARTBEAT and m["credits"] == 0], 5, "credits 0")
+    fake.run(task("dr-late", "shell", {"cmd": "true"}))
+    late = fake.wait_result("dr-late")
+    assert late["outcome"] == p.LOST and late["error"] == "worker shutting down"
+    short = fake.wait_result("dr-short")
+    assert short["outcome"] == p.SUCCEEDED and short["log"] == b"short done\n"
+    long = fake.wait_result("dr-long", 5)
+    assert long["outcome"] == p.LOST and long["error"].startswith("worker shutting down")
+    assert long["log"] == b"started\n"
+    fake.wait_for(lambda: fake.messages(p.BYE), 5, "bye")
+    kinds = [m["t"] for m in fake.messages()]
+    assert kinds.index(p.BYE) > max(i for i, k in enumerate(kinds) if k == p.RESULT)
+    out = finish(worker)
+    assert "event=draining" in out and "results_unacknowledged" not in out
+    with pytest.raises(ProcessLookupError):
+        os.kill(pool_pid, 0)  # the Python pool went with the worker
+
+
+def test_shutdown_waits_for_acks_but_not_forever(fakes: list[FakeScheduler]) -> None:
+    fake = fakes[0]
+    worker = WorkerProcess([fake.endpoint], "--ack-timeout", "0.5",
+                           "--result-resend-interval", "0.2", *FAST)
+    fake.wait_for(lambda: fake.messages(p.HEARTBEAT), 10, "heartbeats")
+    fake.drop_results = 1000
+    fake.run(task("ak-1", "shell", {"cmd": "echo unacked"}))
+    fake.wait_result("ak-1")
+    worker.proc.send_signal(signal.SIGINT)  # Ctrl-C drains like SIGTERM
+    fake.wait_for(lambda: fake.messages(p.BYE), 5, "bye")
+    assert len(fake.results("ak-1")) >= 2  # kept resending while it waited
+    out = finish(worker)
+    assert "event=results_unacknowledged count=1" in out
