@@ -94,11 +94,14 @@ class SchedulerServer:
     def serve_forever(self) -> None:
         poller = zmq.Poller()
         poller.register(self.node.socket, zmq.POLLIN)
+        poller.register(self.node.wake_socket, zmq.POLLIN)
         poller.register(self.sock, zmq.POLLIN)
         while self.running:
             events = dict(poller.poll(self._poll_timeout_ms()))
             if self.node.socket in events:
                 self.node.on_readable()
+            if self.node.wake_socket in events:
+                self.node.on_wake()
             if self.sock in events:
                 self._read_requests()
             self.node.on_timer()
@@ -111,9 +114,12 @@ class SchedulerServer:
     def _turn(self) -> None:
         """Propose this turn's batches, let Raft work, then dispatch what became ready."""
         now_us = time.time_ns() // 1000
-        if self.node.is_leader:
+        if self.node.is_leader and self.dispatcher is not None:
             self._flush_pending(now_us)
             self._housekeeping(now_us)
+            # Slots freed by results that just arrived get their next task now, before
+            # this turn's fsync rather than after it.
+            self.desk.dispatch(now_us)
         for _ in range(4):
             self.node.process()
             self._after_apply(now_us)

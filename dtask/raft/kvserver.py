@@ -53,11 +53,14 @@ class KVServer:
     def serve_forever(self) -> None:
         poller = zmq.Poller()
         poller.register(self.node.socket, zmq.POLLIN)
+        poller.register(self.node.wake_socket, zmq.POLLIN)
         poller.register(self.clients, zmq.POLLIN)
         while self.running:
             events = dict(poller.poll(self.node.next_timeout_ms()))
             if self.node.socket in events:
                 self.node.on_readable()
+            if self.node.wake_socket in events:
+                self.node.on_wake()
             if self.clients in events:
                 self._on_clients()
             self.node.on_timer()

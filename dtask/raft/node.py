@@ -1,10 +1,14 @@
 """The Raft node driver: joins the pure core to disk, ZeroMQ and a state machine.
 
-It is a component of its daemon's single `zmq.Poller` loop, not a thread: the
-daemon polls `node.socket` with `node.next_timeout_ms()`, and calls `on_readable()`,
-`on_timer()` and finally `process()` once per loop turn. `process()` hands all the
-turn's proposals to the core as one batch and makes everything durable with one
-fsync (group commit), then sends, applies and resolves callbacks.
+It is a component of its daemon's single `zmq.Poller` loop: the daemon polls
+`node.socket` and `node.wake_socket` with `node.next_timeout_ms()`, and calls
+`on_readable()` / `on_wake()` when they are readable, `on_timer()`, and finally
+`process()` once per loop turn. `process()` hands all the turn's proposals to the
+core as one batch; their write and fsync run on a dedicated thread
+(`writer.StorageWriter`) while the loop keeps serving, and everything proposed in
+the meantime joins the next write (group commit). When the write is durable
+(`on_wake`), the node sends the messages that had to wait for it, applies committed
+entries and resolves callbacks.
 
 Callbacks are `callback(result, error)`; exactly one of them is meaningful. A
 proposal fails with `NotLeader` as soon as this node stops leading: its entry may
@@ -29,6 +33,7 @@ from .messages import ConfChange, ConfChangeType, Entry, EntryType, MsgType
 from .progress import Role
 from .storage import DiskStorage
 from .transport import Transport
+from .writer import StorageWriter
 
 log = logging.getLogger("dtask.raft.node")
 
@@ -80,9 +85,12 @@ class RaftNode:
                                 heartbeat_ticks=cfg.heartbeat_ticks),
                          hs, snap.meta if snap else None, entries, snap.data if snap else b"")
         self.snapshot_index = snap.meta.index if snap else 0
-        self.transport = Transport(ctx or zmq.Context.instance(), cfg.node_id, cfg.bind,
-                                   self._peer_addresses())
+        ctx = ctx or zmq.Context.instance()
+        self.transport = Transport(ctx, cfg.node_id, cfg.bind, self._peer_addresses())
         self.socket = self.transport.router
+        self.writer = StorageWriter(ctx, f"raft-writer-{cfg.node_id}")
+        self.wake_socket = self.writer.wake
+        self._writing: Ready | None = None  # the Ready whose write is in flight
         self._proposals: list[tuple[bytes, Callback]] = []
         self._pending: dict[int, tuple[int, Callback]] = {}  # index -> (term, callback)
         self._reads: list[Callback] = []
@@ -182,12 +190,27 @@ class RaftNode:
         self._flush_proposals()
         self._flush_reads()
         for _ in range(4):  # advance() can make more ready work (a leader's own ack)
-            if not self.raft.has_ready():
-                break
-            self._handle_ready(self.raft.ready())
+            if self._writing is not None or not self.raft.has_ready():
+                return  # a write is in flight: on_wake() continues from there
+            rd = self.raft.ready()
+            # The leader's appends go out now, in parallel with its own write (§10.2.1).
+            self.transport.send([m for m in rd.messages if m.type in EARLY_SEND])
+            if rd.hard_state is not None or rd.snapshot is not None or rd.entries:
+                self._writing = rd
+                self.writer.submit(lambda rd=rd: self._persist(rd))
+                return
+            self._finish(rd)
+
+    def on_wake(self) -> None:
+        """The writer thread made the in-flight Ready durable: carry on with it."""
+        if self.writer.finished() and self._writing is not None:
+            rd, self._writing = self._writing, None
+            self._finish(rd)
+            self.process()
 
     def close(self) -> None:
         self._fail_all(NotLeader(0, "node stopped"))
+        self.writer.close()
         self.transport.close()
         self.storage.close()
 
@@ -221,10 +244,9 @@ class RaftNode:
             return
         self._read_rounds[ctx] = batch
 
-    def _handle_ready(self, rd: Ready) -> None:
-        early = [m for m in rd.messages if m.type in EARLY_SEND]
-        self.transport.send(early)
-        self._persist(rd)
+    def _finish(self, rd: Ready) -> None:
+        """Everything in `rd` that had to wait until its writes were durable."""
+        self._note_addresses(rd.entries)
         self.transport.send([m for m in rd.messages if m.type not in EARLY_SEND])
         if rd.snapshot is not None:
             addresses, app = _unwrap(rd.snapshot.data)
@@ -246,14 +268,14 @@ class RaftNode:
             self._take_snapshot()
 
     def _persist(self, rd: Ready) -> None:
+        """Runs on the writer thread; touches nothing but the storage."""
         if rd.hard_state is not None:
             self.storage.save_hard_state(rd.hard_state)
         if rd.snapshot is not None:
             self.storage.install_snapshot(rd.snapshot)
         if rd.entries:
             self.storage.append(rd.entries)
-            self._note_addresses(rd.entries)
-            self.storage.sync()  # one fsync for the whole turn
+            self.storage.sync()  # one fsync for everything appended since the last one
 
     def _apply(self, e: Entry) -> None:
         result: object = None
