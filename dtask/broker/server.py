@@ -303,8 +303,9 @@ class SchedulerServer:
             live = attempt.finished_us == 0
             data = self.desk.live_log(task_id, number_) if live else attempt.log
             chunk = data[offset:offset + (1 << 20)]
+            # offset: where this chunk starts (docs/protocol.md); the caller adds len(data).
             self.send(ident, p.reply(p.LOG_CHUNKS, rid, attempt=number_, data=chunk,
-                                     offset=offset + len(chunk),
+                                     offset=offset,
                                      done=not live and offset + len(chunk) >= len(data)))
 
         self._read(ident, rid, p.get_bool(msg, "stale"), answer)
