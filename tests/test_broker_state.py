@@ -270,3 +270,18 @@ def test_results_are_fenced_by_worker_as_well_as_attempt(h):
     assert h.result("a", 1, p.SUCCEEDED, worker="w1") == "stale"
     assert h.s.tasks["a"].status == p.RUNNING
     assert h.result("a", 1, p.SUCCEEDED, worker="w2") == p.COMPLETED
+
+
+def test_rebuild_in_steps_indexes_every_task_and_holds_dispatch_until_done(h):
+    h.submit(*[wire(f"t{i:04d}", prio=i % 7) for i in range(2500)])
+    d = Dispatcher(h.s, worker_timeout=5.0, lease_grace=10.0, clock_us=lambda: T0)
+    d.register(worker("w", credits=3000))
+    d.start_rebuild()
+    steps = 0
+    while not d.rebuild_step(1000):
+        assert d.assign(T0) == []  # a partial index must not dispatch out of order
+        steps += 1
+    assert steps == 2
+    leases = d.assign(T0)
+    assert len(leases) == 2500
+    assert [x[0] for x in leases[:2]] == ["t0006", "t0013"]  # priority 6 first, FIFO

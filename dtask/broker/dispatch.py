@@ -10,9 +10,10 @@ executor. Timers (eta, retry backoff, lease deadlines) live in one `TimerQueue`.
 from __future__ import annotations
 
 import heapq
+import itertools
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from .. import protocol as p
@@ -77,16 +78,38 @@ class Dispatcher:
         self.workers: dict[str, WorkerInfo] = {}
         self.leasing: set[str] = set()  # lease proposed, not applied yet
         self.worker_of: dict[str, str] = {}  # running task id -> worker id
+        self.rebuilding = False
+        self._todo: Iterator[str] = iter(())
         self.rng = random.Random()
 
     # ------------------------------------------------------------------ state sync
 
     def rebuild(self) -> None:
-        """Take over as leader: index every live task; expect its workers back."""
-        now = time.monotonic()
+        """Take over as leader: index every live task at once (tests, small states)."""
+        self.start_rebuild()
+        while not self.rebuild_step(1 << 30):
+            pass
+
+    def start_rebuild(self) -> None:
+        """Index every live task, in steps: a million tasks take seconds, and a loop
+        blocked that long would miss its heartbeats and lose the leadership it is
+        taking up. Nothing is dispatched until the index is complete."""
+        ids = []
         for status in (p.PENDING, p.SCHEDULED, p.RETRYING, p.RUNNING):
-            for task_id in list(self.state.ids_with_status(status)):
-                self.sync(task_id, now)
+            ids.extend(self.state.ids_with_status(status))
+        self._todo = iter(ids)
+        self.rebuilding = True
+
+    def rebuild_step(self, budget: int = 10_000) -> bool:
+        """Index up to `budget` more tasks; True once every task is indexed."""
+        now = time.monotonic()
+        done = 0
+        for task_id in itertools.islice(self._todo, budget):
+            self.sync(task_id, now)  # idempotent: a task synced since is synced again
+            done += 1
+        if done < budget:  # the iterator ran out
+            self.rebuilding = False
+        return not self.rebuilding
 
     def sync(self, task_id: str, now: float | None = None) -> None:
         """Bring the queues in line with the task's replicated state."""
@@ -189,7 +212,7 @@ class Dispatcher:
         Returns leases to propose: (task id, attempt, worker id, deadline_us). The
         tasks leave the ready queues now and come back if the lease is refused.
         """
-        if not self.route_of:
+        if not self.route_of or self.rebuilding:
             return []
         heap = [(-w.free(), w.id) for w in self.workers.values() if w.registered and w.free() > 0]
         heapq.heapify(heap)

@@ -24,6 +24,7 @@ import msgpack
 import zmq
 
 from .. import protocol as p
+from ..gcpolicy import GCPolicy
 from ..raft.core import NotLeader
 from ..raft.node import NodeConfig, RaftNode
 from ..raft.progress import Role
@@ -88,6 +89,7 @@ class SchedulerServer:
         self.counters = {"bad_requests": 0}
         self._next_housekeeping = 0.0
         self._purging = False
+        self.gc = GCPolicy()
 
     # ------------------------------------------------------------------ loop
 
@@ -114,7 +116,11 @@ class SchedulerServer:
     def _turn(self) -> None:
         """Propose this turn's batches, let Raft work, then dispatch what became ready."""
         now_us = time.time_ns() // 1000
+        self.gc.maybe_freeze(time.monotonic())  # followers hold the whole state too
         if self.node.is_leader and self.dispatcher is not None:
+            if self.dispatcher.rebuilding and self.dispatcher.rebuild_step():
+                log.info("event=dispatch_start term=%d %s", self.node.raft.term,
+                         " ".join(f"{k}={v}" for k, v in self.dispatcher.stats().items()))
             self._flush_pending(now_us)
             self._housekeeping(now_us)
             # Slots freed by results that just arrived get their next task now, before
@@ -132,6 +138,8 @@ class SchedulerServer:
 
     def _poll_timeout_ms(self) -> int:
         timeout = self.node.next_timeout_ms()
+        if self.dispatcher is not None and self.dispatcher.rebuilding:
+            return 0  # keep indexing between polls
         if self.dispatcher is not None:
             due = self.dispatcher.next_due_us()
             if due is not None:
@@ -194,9 +202,7 @@ class SchedulerServer:
         if role == Role.LEADER:
             self.dispatcher = Dispatcher(self.state, self.cfg.worker_timeout,
                                          self.cfg.lease_grace)
-            self.dispatcher.rebuild()
-            log.info("event=dispatch_start term=%d %s", term,
-                     " ".join(f"{k}={v}" for k, v in self.dispatcher.stats().items()))
+            self.dispatcher.start_rebuild()  # continued a slice per loop turn
         else:
             self.dispatcher = None
             self._fail_waiters()

@@ -196,6 +196,13 @@ class Raft:
         else:
             self._send_append(to)
 
+    def snapshot_meta(self, index: int) -> SnapshotMeta:
+        """What a snapshot of the state at applied `index` must record."""
+        term = self.log.term(index)
+        if term is None or index > self.log.applied:
+            raise ValueError(f"no applied entry at {index}")
+        return SnapshotMeta(index, term, self._conf_at(index))
+
     def create_snapshot(self, index: int, data: bytes, keep_entries: int = 0) -> Snapshot:
         """Record the state machine's snapshot at applied `index`; compact the log behind it.
 

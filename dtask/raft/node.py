@@ -29,7 +29,7 @@ import msgpack
 import zmq
 
 from .core import Config, NotLeader, ProposalRejected, Raft, Ready, bootstrap_snapshot
-from .messages import ConfChange, ConfChangeType, Entry, EntryType, MsgType
+from .messages import ConfChange, ConfChangeType, Entry, EntryType, MsgType, SnapshotMeta
 from .progress import Role
 from .storage import DiskStorage
 from .transport import Transport
@@ -91,6 +91,7 @@ class RaftNode:
         self.writer = StorageWriter(ctx, f"raft-writer-{cfg.node_id}")
         self.wake_socket = self.writer.wake
         self._writing: Ready | None = None  # the Ready whose write is in flight
+        self._snapshot_child: tuple[int, SnapshotMeta, float] | None = None
         self._proposals: list[tuple[bytes, Callback]] = []
         self._pending: dict[int, tuple[int, Callback]] = {}  # index -> (term, callback)
         self._reads: list[Callback] = []
@@ -135,6 +136,16 @@ class RaftNode:
 
     def change_membership(self, kind: ConfChangeType, node_id: int, address: str = "",
                           callback: Callback | None = None) -> None:
+        conf = self.raft.conf
+        already = ((kind == ConfChangeType.REMOVE and node_id not in conf.members())
+                   or (kind == ConfChangeType.ADD_LEARNER and node_id in conf.members())
+                   or (kind == ConfChangeType.PROMOTE and node_id in conf.voters))
+        if already and self.is_leader:
+            # Idempotent for callers: a retried request whose first try was applied
+            # (its reply lost to a leader change) succeeds instead of failing.
+            if callback:
+                callback(None, None)
+            return
         cc = ConfChange(kind, node_id, address.encode())
         try:
             term, index = self.raft.propose_conf_change(cc)
@@ -189,6 +200,8 @@ class RaftNode:
     def process(self) -> None:
         self._flush_proposals()
         self._flush_reads()
+        if self._snapshot_child is not None and self._writing is None:
+            self._poll_snapshot()
         for _ in range(4):  # advance() can make more ready work (a leader's own ack)
             if self._writing is not None or not self.raft.has_ready():
                 return  # a write is in flight: on_wake() continues from there
@@ -210,6 +223,8 @@ class RaftNode:
 
     def close(self) -> None:
         self._fail_all(NotLeader(0, "node stopped"))
+        if self._snapshot_child is not None:
+            os.waitpid(self._snapshot_child[0], 0)  # don't leave the child behind
         self.writer.close()
         self.transport.close()
         self.storage.close()
@@ -335,14 +350,44 @@ class RaftNode:
             cb(None, exc)
 
     def _take_snapshot(self) -> None:
-        applied = self.raft.log.applied
-        data = _wrap(self.addresses, self.sm.snapshot())
-        snap = self.raft.create_snapshot(applied, data, keep_entries=self.cfg.keep_entries)
-        self.storage.save_snapshot(snap)
+        """Serialize the state in a forked child (copy-on-write): a million tasks take
+        seconds to pack, far longer than the loop may stop without losing leadership."""
+        if self._snapshot_child is not None:
+            return
+        meta = self.raft.snapshot_meta(self.raft.log.applied)
+        path = self.storage.forked_snapshot_path
+        pid = os.fork()
+        if pid == 0:  # the child: write the state as of now, then vanish without cleanup
+            code = 1
+            try:
+                data = _wrap(self.addresses, self.sm.snapshot())
+                self.storage.write_snapshot_file(path, meta, data)
+                code = 0
+            finally:
+                os._exit(code)
+        self._snapshot_child = (pid, meta, time.monotonic())
+
+    def _poll_snapshot(self) -> None:
+        """Adopt a finished child's snapshot (only while no write is in flight)."""
+        pid, meta, started = self._snapshot_child
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done == 0:
+            return
+        self._snapshot_child = None
+        if status != 0:
+            log.error("event=snapshot_failed node=%d index=%d status=%d", self.cfg.node_id,
+                      meta.index, status)
+            self.snapshot_index = meta.index  # try again after snapshot_every more entries
+            return
+        if meta.index <= max(self.raft.log.offset, self.snapshot_index):
+            os.unlink(self.storage.forked_snapshot_path)  # a newer one was installed meanwhile
+            return
+        snap = self.storage.commit_forked_snapshot(meta)
+        self.raft.create_snapshot(meta.index, snap.data, keep_entries=self.cfg.keep_entries)
         self.storage.compact(self.raft.log.offset)
-        self.snapshot_index = applied
-        log.info("event=snapshot node=%d index=%d bytes=%d", self.cfg.node_id, applied,
-                 len(data))
+        self.snapshot_index = meta.index
+        log.info("event=snapshot node=%d index=%d bytes=%d seconds=%.2f", self.cfg.node_id,
+                 meta.index, len(snap.data), time.monotonic() - started)
 
     def _note_addresses(self, entries: list[Entry]) -> None:
         """A learner's address travels in its ConfChange; learn it as soon as it is logged."""

@@ -36,7 +36,7 @@ class DiskStorage:
         self._dir = os.fspath(data_dir)
         self._logger = logger or logging.getLogger(__name__)
         os.makedirs(self._dir, exist_ok=True)
-        for name in ("hardstate", "snapshot"):
+        for name in ("hardstate", "snapshot", "snapshot.fork"):
             # A temp file is a write that crashed before its rename: the old file stands.
             tmp = self._path(name) + ".tmp"
             if os.path.exists(tmp):
@@ -77,9 +77,7 @@ class DiskStorage:
         self.log.sync()
 
     def save_snapshot(self, snap: Snapshot) -> None:
-        m = snap.meta
-        meta = [m.index, m.term, list(m.conf.voters), list(m.conf.learners)]
-        self._write_atomic("snapshot", _SNAP_MAGIC, meta, snap.data)
+        self._write_atomic("snapshot", _SNAP_MAGIC, _snap_meta(snap.meta), snap.data)
 
     def compact(self, upto_index: int) -> None:
         """Drop log segments wholly at or below upto_index (a snapshot covers them)."""
@@ -123,21 +121,35 @@ class DiskStorage:
         return os.path.join(self._dir, name)
 
     def _write_atomic(self, name: str, magic: bytes, meta: list, data: bytes) -> None:
-        packed = msgpack.packb(meta, use_bin_type=True)
-        crc = zlib.crc32(data, zlib.crc32(packed))
         path = self._path(name)
-        with open(path + ".tmp", "wb") as f:
-            f.write(_FRAME.pack(magic, len(packed), len(data), crc))
-            f.write(packed)
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        _write_framed(path + ".tmp", magic, meta, data)
         os.replace(path + ".tmp", path)
+        self._sync_dir()
+
+    def _sync_dir(self) -> None:
         fd = os.open(self._dir, os.O_RDONLY)
         try:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+    # --------------------------------------------------------------- forked snapshots
+
+    @property
+    def forked_snapshot_path(self) -> str:
+        """Where a forked child writes a snapshot before `commit_forked_snapshot`."""
+        return self._path("snapshot.fork.tmp")
+
+    @staticmethod
+    def write_snapshot_file(path: str, meta: SnapshotMeta, data: bytes) -> None:
+        """Write a complete, fsynced snapshot file (runs in a forked child)."""
+        _write_framed(path, _SNAP_MAGIC, _snap_meta(meta), data)
+
+    def commit_forked_snapshot(self, meta: SnapshotMeta) -> Snapshot:
+        """Make the child's file the snapshot; its data is read lazily from the file."""
+        os.replace(self.forked_snapshot_path, self._path("snapshot"))
+        self._sync_dir()
+        return Snapshot(meta, FileBytes(self._path("snapshot"), meta))
 
     def _read_framed(self, name: str, magic: bytes) -> tuple[object, bytes] | None:
         path = self._path(name)
@@ -185,3 +197,43 @@ class DiskStorage:
 
 def _is_uint(v: object) -> bool:
     return type(v) is int and v >= 0
+
+
+def _snap_meta(m: SnapshotMeta) -> list:
+    return [m.index, m.term, list(m.conf.voters), list(m.conf.learners)]
+
+
+def _write_framed(path: str, magic: bytes, meta: list, data: bytes) -> None:
+    packed = msgpack.packb(meta, use_bin_type=True)
+    crc = zlib.crc32(data, zlib.crc32(packed))
+    with open(path, "wb") as f:
+        f.write(_FRAME.pack(magic, len(packed), len(data), crc))
+        f.write(packed)
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+class FileBytes:
+    """A snapshot's data left in its file: sliced on demand (InstallSnapshot chunks)
+    instead of held in memory; the leader rarely needs more than a few chunks."""
+
+    def __init__(self, path: str, meta: SnapshotMeta) -> None:
+        # Keep the file open: a newer snapshot replaces the name, not this inode, and
+        # a follower may still be receiving this one.
+        self.fd = os.open(path, os.O_RDONLY)
+        _, mlen, dlen, _ = _FRAME.unpack(os.pread(self.fd, _FRAME.size, 0))
+        self.start, self.length = _FRAME.size + mlen, dlen
+
+    def __del__(self) -> None:
+        os.close(self.fd)
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, key: slice) -> bytes:
+        lo, hi, _ = key.indices(self.length)
+        return os.pread(self.fd, max(0, hi - lo), self.start + lo)
+
+    def __bytes__(self) -> bytes:
+        return self[0:self.length]
