@@ -73,7 +73,6 @@ class Dispatcher:
         self.worker_timeout = worker_timeout
         self.lease_grace = lease_grace
         self.ready: dict[Route, ReadyQueue] = {}
-        self.route_of: dict[str, Route] = {}  # task id -> its ready queue, while queued
         self.timers = TimerQueue()
         self.workers: dict[str, WorkerInfo] = {}
         self.leasing: set[str] = set()  # lease proposed, not applied yet
@@ -113,11 +112,12 @@ class Dispatcher:
 
     def sync(self, task_id: str, now: float | None = None) -> None:
         """Bring the queues in line with the task's replicated state."""
-        self._unqueue(task_id)
+        task = self.state.get(task_id)
+        if task is not None:
+            self._unqueue(task)
         self.timers.remove(task_id)
         self.timers.remove(LEASE_PREFIX + task_id)
         self._forget_running(task_id)
-        task = self.state.get(task_id)
         if task is None or task.status in p.TERMINAL:
             return
         if task.status == p.RUNNING:
@@ -130,17 +130,18 @@ class Dispatcher:
     def _enqueue(self, task: Task) -> None:
         if task.id in self.leasing or task.cancel_requested:
             return
-        route = (task.queue, tuple(sorted(task.labels)), task.type)
+        route = _route(task)
         q = self.ready.get(route)
         if q is None:
             q = self.ready[route] = ReadyQueue()
         q.push(task.id, task.priority, task.seq)
-        self.route_of[task.id] = route
 
-    def _unqueue(self, task_id: str) -> None:
-        route = self.route_of.pop(task_id, None)
-        if route is not None:
-            self.ready[route].remove(task_id)
+    def _unqueue(self, task: Task) -> None:
+        # A task's route never changes, so it is recomputed rather than remembered
+        # (a dict of a million routes would cost ~100 bytes per pending task).
+        q = self.ready.get(_route(task))
+        if q is not None:
+            q.remove(task.id)
 
     def _track_running(self, task: Task, now: float) -> None:
         attempt = task.current()
@@ -212,7 +213,7 @@ class Dispatcher:
         Returns leases to propose: (task id, attempt, worker id, deadline_us). The
         tasks leave the ready queues now and come back if the lease is refused.
         """
-        if not self.route_of or self.rebuilding:
+        if self.rebuilding or not any(self.ready.values()):
             return []
         heap = [(-w.free(), w.id) for w in self.workers.values() if w.registered and w.free() > 0]
         heapq.heapify(heap)
@@ -223,7 +224,7 @@ class Dispatcher:
             task = self._best_for(worker)
             if task is None:
                 continue  # nothing this worker can run; others may still find work
-            self._unqueue(task.id)
+            self._unqueue(task)
             self.leasing.add(task.id)
             worker.assigned.add(task.id)
             deadline = (now_us + int((task.timeout + self.lease_grace) * 1e6)
@@ -253,8 +254,12 @@ class Dispatcher:
         self.sync(task_id)
 
     def stats(self) -> dict:
-        return {"ready": len(self.route_of), "timers": len(self.timers),
+        return {"ready": sum(len(q) for q in self.ready.values()), "timers": len(self.timers),
                 "workers": len(self.workers), "leasing": len(self.leasing)}
+
+
+def _route(task: Task) -> Route:
+    return (task.queue, task.labels, task.type)  # labels are stored sorted
 
 
 def _now_us() -> int:

@@ -12,7 +12,7 @@ dispatcher can update its queues without rescanning.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import msgpack
 
@@ -65,7 +65,9 @@ class Task:
     seq: int  # submission order: FIFO within a priority
     status: str
     run_at_us: int  # SCHEDULED: eta; RETRYING: end of backoff
-    attempts: list[Attempt] = field(default_factory=list)
+    # A shared empty tuple until the first attempt: a million pending tasks would
+    # otherwise carry a million empty lists (56 bytes each).
+    attempts: list[Attempt] | tuple = ()
     finished_us: int = 0
     cancel_requested: bool = False
 
@@ -86,7 +88,7 @@ class Task:
     def from_wire(cls, w: list) -> Task:
         return cls(w[0], w[1], w[2], w[3], w[4], w[5], w[6], tuple(w[7]), w[8],
                    _policy(w[9]), w[10], w[11], w[12], w[13], w[14],
-                   [Attempt(*a) for a in w[15]], w[16], w[17])
+                   [Attempt(*a) for a in w[15]] if w[15] else (), w[16], w[17])
 
     def to_dict(self, with_payload: bool = True) -> dict:
         out = {"id": self.id, "name": self.name, "type": self.type,
@@ -157,7 +159,8 @@ class TaskState:
                     continue
                 self.seq += 1
                 status = p.SCHEDULED if run_at > now_us else p.PENDING
-                task = Task(task_id, name, ttype, payload, ctype, prio, queue, tuple(labels),
+                task = Task(task_id, name, ttype, payload, ctype, prio, queue,
+                            tuple(sorted(labels)),
                             timeout, _policy(retry), key, now_us, self.seq, status, run_at)
                 self._add(task)
                 results.append([task_id, False])
@@ -171,6 +174,8 @@ class TaskState:
             ok = (task is not None and task.status in (p.PENDING, p.SCHEDULED, p.RETRYING)
                   and number == task.attempt + 1 and not task.cancel_requested)
             if ok:
+                if not task.attempts:
+                    task.attempts = []
                 task.attempts.append(Attempt(number, worker, now_us, deadline_us))
                 self._set_status(task, p.RUNNING)
             granted.append(ok)

@@ -57,7 +57,8 @@ class NodeConfig:
     tick_ms: int = 10
     election_ticks: int = 20  # 200-400 ms randomized
     heartbeat_ticks: int = 5
-    snapshot_every: int = 50_000  # applied entries between snapshots
+    snapshot_every: int = 50_000  # applied entries between snapshots...
+    snapshot_bytes: int = 64 << 20  # ...or this many bytes of applied commands
     keep_entries: int = 5_000  # kept behind a snapshot for slightly slow followers
     segment_bytes: int = 64 << 20
 
@@ -92,6 +93,7 @@ class RaftNode:
         self.wake_socket = self.writer.wake
         self._writing: Ready | None = None  # the Ready whose write is in flight
         self._snapshot_child: tuple[int, SnapshotMeta, float] | None = None
+        self._applied_bytes = 0  # since the last snapshot: bounds the in-memory log
         self._proposals: list[tuple[bytes, Callback]] = []
         self._pending: dict[int, tuple[int, Callback]] = {}  # index -> (term, callback)
         self._reads: list[Callback] = []
@@ -279,7 +281,8 @@ class RaftNode:
         self.raft.advance(rd)
         self._serve_reads()
         self._after_state_change()
-        if self.raft.log.applied - self.snapshot_index >= self.cfg.snapshot_every:
+        if (self.raft.log.applied - self.snapshot_index >= self.cfg.snapshot_every
+                or self._applied_bytes >= self.cfg.snapshot_bytes):
             self._take_snapshot()
 
     def _persist(self, rd: Ready) -> None:
@@ -293,6 +296,7 @@ class RaftNode:
             self.storage.sync()  # one fsync for everything appended since the last one
 
     def _apply(self, e: Entry) -> None:
+        self._applied_bytes += len(e.data)
         result: object = None
         error: Exception | None = None
         if e.type == EntryType.NORMAL and e.data:
@@ -366,6 +370,7 @@ class RaftNode:
             finally:
                 os._exit(code)
         self._snapshot_child = (pid, meta, time.monotonic())
+        self._applied_bytes = 0
 
     def _poll_snapshot(self) -> None:
         """Adopt a finished child's snapshot (only while no write is in flight)."""
