@@ -96,14 +96,14 @@ def test_submit_with_options_then_status(cluster):
     assert task["id"] == task_id and task["status"] == p.SCHEDULED
     assert (task["name"], task["type"], task["queue"]) == ("nightly", "shell", "q1")
     assert task["priority"] == 7 and task["max_retries"] == 2 and task["timeout"] == 90
-    assert task["labels"] == ["gpu", "ssd", "big"]
+    assert task["labels"] == ["big", "gpu", "ssd"]  # a set: kept sorted
     assert task["idempotency_key"] == "ctl-opts-1"
     assert task["payload"] == {"cmd": "echo opts"}  # JSON payloads come back as JSON
     assert before + 3590 < task["run_at_us"] / 1e6 < time.time() + 3610
     assert task["attempts"] == []
 
     human = out(ctl(cluster, "status", task_id))  # the same through the people's view
-    assert "SCHEDULED (due in 59m" in human and "nightly" in human and "gpu, ssd, big" in human
+    assert "SCHEDULED (due in 59m" in human and "nightly" in human and "big, gpu, ssd" in human
     ctl(cluster, "cancel", task_id)
 
 

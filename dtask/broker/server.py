@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 import time
 from dataclasses import dataclass, field
 
@@ -26,6 +25,7 @@ import zmq
 from .. import protocol as p
 from ..gcpolicy import GCPolicy
 from ..raft.core import NotLeader
+from ..raft.daemon import NodeDaemon, run_daemon
 from ..raft.node import NodeConfig, RaftNode
 from ..raft.progress import Role
 from . import state as sm
@@ -63,7 +63,7 @@ class Pending:
         return bool(self.submits or self.cancels)
 
 
-class SchedulerServer:
+class SchedulerServer(NodeDaemon):
     def __init__(self, cfg: SchedulerConfig, ctx: zmq.Context | None = None) -> None:
         self.cfg = cfg
         self.ctx = ctx or zmq.Context.instance()
@@ -72,20 +72,19 @@ class SchedulerServer:
         node_cfg = NodeConfig(cfg.node_id, cfg.data_dir, cfg.raft_bind,
                               {i: r for i, (r, _) in cfg.peers.items()}, join=cfg.join,
                               snapshot_every=cfg.snapshot_every, keep_entries=cfg.keep_entries)
-        self.node = RaftNode(node_cfg, self.state, self.ctx, on_role_change=self._on_role)
-        self.sock = self.ctx.socket(zmq.ROUTER)
-        self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a reconnecting worker keeps its id
-        self.sock.setsockopt(zmq.MAXMSGSIZE, p.MAX_FRAME)
-        self.sock.setsockopt(zmq.SNDHWM, 100_000)
-        self.sock.setsockopt(zmq.RCVHWM, 100_000)
-        self.sock.bind(cfg.client_bind)
+        sock = self.ctx.socket(zmq.ROUTER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a reconnecting worker keeps its id
+        sock.setsockopt(zmq.MAXMSGSIZE, p.MAX_FRAME)
+        sock.setsockopt(zmq.SNDHWM, 100_000)
+        sock.setsockopt(zmq.RCVHWM, 100_000)
+        sock.bind(cfg.client_bind)
+        super().__init__(RaftNode(node_cfg, self.state, self.ctx,
+                                  on_role_change=self._on_role), sock)
         self.pending = Pending()
         self.dispatcher: Dispatcher | None = None
         self.desk = WorkerDesk(self)
         self.waiters: dict[str, list[tuple[bytes, object, float]]] = {}
-        self.running = True
-        self.stopping_since = 0.0
         self.counters = {"bad_requests": 0}
         self._next_housekeeping = 0.0
         self._purging = False
@@ -93,27 +92,7 @@ class SchedulerServer:
 
     # ------------------------------------------------------------------ loop
 
-    def serve_forever(self) -> None:
-        poller = zmq.Poller()
-        poller.register(self.node.socket, zmq.POLLIN)
-        poller.register(self.node.wake_socket, zmq.POLLIN)
-        poller.register(self.sock, zmq.POLLIN)
-        while self.running:
-            events = dict(poller.poll(self._poll_timeout_ms()))
-            if self.node.socket in events:
-                self.node.on_readable()
-            if self.node.wake_socket in events:
-                self.node.on_wake()
-            if self.sock in events:
-                self._read_requests()
-            self.node.on_timer()
-            self._turn()
-            if self.stopping_since:
-                self._continue_stop()
-        self.node.close()
-        self.sock.close(0)
-
-    def _turn(self) -> None:
+    def turn(self) -> None:
         """Propose this turn's batches, let Raft work, then dispatch what became ready."""
         now_us = time.time_ns() // 1000
         self.gc.maybe_freeze(time.monotonic())  # followers hold the whole state too
@@ -136,7 +115,7 @@ class SchedulerServer:
             if self.node.is_leader:
                 self.desk.flush(now_us)
 
-    def _poll_timeout_ms(self) -> int:
+    def poll_timeout_ms(self) -> int:
         timeout = self.node.next_timeout_ms()
         if self.dispatcher is not None and self.dispatcher.rebuilding:
             return 0  # keep indexing between polls
@@ -146,7 +125,7 @@ class SchedulerServer:
                 timeout = min(timeout, max(0, (due - time.time_ns() // 1000) // 1000 + 1))
         return min(timeout, 100)
 
-    def _read_requests(self) -> None:
+    def on_requests(self) -> None:
         for _ in range(10_000):
             try:
                 frames = self.sock.recv_multipart(zmq.NOBLOCK)
@@ -467,22 +446,6 @@ class SchedulerServer:
                                          self.leader_endpoint()))
         self.waiters = {}
 
-    # ------------------------------------------------------------------ stopping
-
-    def stop(self) -> None:
-        """Graceful stop: a leader hands leadership over first (bounded wait)."""
-        if self.stopping_since:
-            return
-        self.stopping_since = time.monotonic()
-        if self.node.is_leader:
-            target = self.node.transfer_leadership()
-            log.info("event=stop_transfer node=%d to=%d", self.cfg.node_id, target)
-
-    def _continue_stop(self) -> None:
-        if not self.node.is_leader or time.monotonic() - self.stopping_since > 3.0:
-            self.running = False
-
-
 def _req_id(frame: bytes) -> object:
     """Best effort: the id of a request we could not parse, so the error can carry it."""
     try:
@@ -494,9 +457,5 @@ def _req_id(frame: bytes) -> object:
 
 
 def run(cfg: SchedulerConfig) -> None:
-    server = SchedulerServer(cfg)
-    signal.signal(signal.SIGTERM, lambda *_: server.stop())
-    signal.signal(signal.SIGINT, lambda *_: server.stop())
-    log.info("event=serving node=%d raft=%s clients=%s", cfg.node_id, cfg.raft_bind,
-             cfg.client_bind)
-    server.serve_forever()
+    run_daemon(SchedulerServer(cfg),
+               f"node={cfg.node_id} raft={cfg.raft_bind} clients={cfg.client_bind}")

@@ -16,13 +16,12 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import signal
-import time
 
 import msgpack
 import zmq
 
 from .core import NotLeader
+from .daemon import NodeDaemon, run_daemon
 from .kv import KVStore
 from .messages import ConfChangeType
 from .node import NodeConfig, RaftNode
@@ -35,59 +34,23 @@ MEMBER_OPS = {"add_learner": ConfChangeType.ADD_LEARNER, "promote": ConfChangeTy
               "remove": ConfChangeType.REMOVE}
 
 
-class KVServer:
+class KVServer(NodeDaemon):
     def __init__(self, cfg: NodeConfig, client_bind: str, ctx: zmq.Context | None = None):
         self.ctx = ctx or zmq.Context.instance()
         self.kv = KVStore()
-        self.node = RaftNode(cfg, self.kv, self.ctx)
-        self.clients = self.ctx.socket(zmq.ROUTER)
-        self.clients.setsockopt(zmq.LINGER, 0)
-        self.clients.setsockopt(zmq.RCVHWM, 100_000)
-        self.clients.setsockopt(zmq.SNDHWM, 100_000)
-        self.clients.setsockopt(zmq.MAXMSGSIZE, 1 << 20)
-        self.clients.bind(client_bind)
-        self.running = True
-        self.stopping_since = 0.0
+        clients = self.ctx.socket(zmq.ROUTER)
+        clients.setsockopt(zmq.LINGER, 0)
+        clients.setsockopt(zmq.RCVHWM, 100_000)
+        clients.setsockopt(zmq.SNDHWM, 100_000)
+        clients.setsockopt(zmq.MAXMSGSIZE, 1 << 20)
+        clients.bind(client_bind)
+        super().__init__(RaftNode(cfg, self.kv, self.ctx), clients)
         self._packer = msgpack.Packer(use_bin_type=True)
 
-    def serve_forever(self) -> None:
-        poller = zmq.Poller()
-        poller.register(self.node.socket, zmq.POLLIN)
-        poller.register(self.node.wake_socket, zmq.POLLIN)
-        poller.register(self.clients, zmq.POLLIN)
-        while self.running:
-            events = dict(poller.poll(self.node.next_timeout_ms()))
-            if self.node.socket in events:
-                self.node.on_readable()
-            if self.node.wake_socket in events:
-                self.node.on_wake()
-            if self.clients in events:
-                self._on_clients()
-            self.node.on_timer()
-            self.node.process()
-            if self.stopping_since:
-                self._continue_stop()
-        self.node.close()
-        self.clients.close(0)
-
-    def stop(self) -> None:
-        """Graceful stop: a leader hands leadership over first (bounded wait)."""
-        if self.stopping_since:
-            return
-        self.stopping_since = time.monotonic()
-        if self.node.is_leader:
-            target = self.node.transfer_leadership()
-            log.info("event=stop_transfer node=%d to=%d", self.node.cfg.node_id, target)
-
-    def _continue_stop(self) -> None:
-        waited = time.monotonic() - self.stopping_since
-        if not self.node.is_leader or waited > 2.0:
-            self.running = False
-
-    def _on_clients(self) -> None:
+    def on_requests(self) -> None:
         for _ in range(10_000):
             try:
-                ident, payload = self.clients.recv_multipart(zmq.NOBLOCK)
+                ident, payload = self.sock.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 return
             except ValueError:  # wrong number of frames
@@ -163,12 +126,9 @@ class KVServer:
         frame = self._packer.pack([req_id, code, value, hint])
         # A client that stopped reading loses the reply; it times out and retries.
         with contextlib.suppress(zmq.Again):
-            self.clients.send_multipart([ident, frame], zmq.NOBLOCK)
+            self.sock.send_multipart([ident, frame], zmq.NOBLOCK)
 
 
 def run(cfg: NodeConfig, client_bind: str) -> None:
-    server = KVServer(cfg, client_bind)
-    signal.signal(signal.SIGTERM, lambda *_: server.stop())
-    signal.signal(signal.SIGINT, lambda *_: server.stop())
-    log.info("event=serving node=%d raft=%s clients=%s", cfg.node_id, cfg.bind, client_bind)
-    server.serve_forever()
+    run_daemon(KVServer(cfg, client_bind),
+               f"node={cfg.node_id} raft={cfg.bind} clients={client_bind}")
