@@ -32,6 +32,20 @@ def _parse_peers(text: str) -> dict[int, str]:
     return peers
 
 
+def _serve(what: str, serve) -> None:
+    """Run a daemon; what an operator can cause ends in one line and exit code 2."""
+    from .raft.log import CorruptLogError
+
+    try:
+        serve()
+    except CorruptLogError as exc:
+        click.echo(f"dtask: refusing to start: {exc}", err=True)
+        sys.exit(2)
+    except (OSError, zmq.ZMQError) as exc:
+        click.echo(f"dtask: cannot start {what}: {exc}", err=True)
+        sys.exit(2)
+
+
 @click.group()
 def main() -> None:
     """DTask: a distributed task scheduler."""
@@ -63,20 +77,12 @@ def raft_node(node_id: int, data_dir: str, raft_bind: str, client_bind: str, pee
               join: bool, snapshot_every: int, keep_entries: int, log_level: str) -> None:
     """Run one replicated key-value node (the Raft layer on its own)."""
     from .raft.kvserver import run
-    from .raft.log import CorruptLogError
     from .raft.node import NodeConfig
 
     _setup_logging(log_level)
     cfg = NodeConfig(node_id, data_dir, raft_bind, _parse_peers(peers), join=join,
                      snapshot_every=snapshot_every, keep_entries=keep_entries)
-    try:
-        run(cfg, client_bind)
-    except CorruptLogError as exc:
-        click.echo(f"dtask: refusing to start: {exc}", err=True)
-        sys.exit(2)
-    except (OSError, zmq.ZMQError) as exc:
-        click.echo(f"dtask: cannot start node {node_id}: {exc}", err=True)
-        sys.exit(2)
+    _serve(f"node {node_id}", lambda: run(cfg, client_bind))
 
 
 def _parse_scheduler_peers(text: str) -> dict[int, tuple[str, str]]:
@@ -110,20 +116,12 @@ def scheduler(node_id: int, data_dir: str, raft_bind: str, client_bind: str, pee
               join: bool, worker_timeout: float, log_level: str) -> None:
     """Run one scheduler daemon (a Raft member that dispatches when it leads)."""
     from .broker.server import SchedulerConfig, run
-    from .raft.log import CorruptLogError
 
     _setup_logging(log_level)
     cfg = SchedulerConfig(node_id, data_dir, raft_bind, client_bind,
                           _parse_scheduler_peers(peers), join=join,
                           worker_timeout=worker_timeout)
-    try:
-        run(cfg)
-    except CorruptLogError as exc:
-        click.echo(f"dtask: refusing to start: {exc}", err=True)
-        sys.exit(2)
-    except (OSError, zmq.ZMQError) as exc:
-        click.echo(f"dtask: cannot start scheduler {node_id}: {exc}", err=True)
-        sys.exit(2)
+    _serve(f"scheduler {node_id}", lambda: run(cfg))
 
 
 def _csv(text: str) -> list[str]:
