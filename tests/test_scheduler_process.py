@@ -149,3 +149,25 @@ def test_leader_sigkill_during_a_submit_stream_loses_nothing(cluster, client):
     everything = client.list(limit=20_000)
     assert len(everything) == 10_000  # no duplicates from retried batches
     assert {t["id"] for t in done} == set(acked.values())
+
+
+def test_results_held_across_a_leader_sigkill_land_exactly_once(cluster, client):
+    """Workers finish tasks while the leader is dead; they keep their results and
+    report them to the new leader: each task completes with exactly one attempt."""
+    cluster.start_worker("w1", 4)
+    cluster.start_worker("w2", 4)
+    ids = [client.submit("shell", {"cmd": "sleep 1.2; echo done-$0"}) for _ in range(8)]
+    deadline = time.monotonic() + 15
+    while any(client.status(i)["status"] != p.RUNNING for i in ids):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    leader = cluster.wait_leader()
+    follower = next(i for i in cluster.members if i != leader)
+    cluster.kill(leader)  # every lease is committed; now take the quorum away too
+    cluster.kill(follower)
+    time.sleep(2.0)  # the runs finish while no leader exists: workers hold the results
+    cluster.start(follower)
+    tasks = wait_all(client, ids, timeout=60)
+    assert [t["status"] for t in tasks] == [p.COMPLETED] * 8
+    assert [len(t["attempts"]) for t in tasks] == [1] * 8  # no rerun, no double count
+    assert all(b"done" in client.logs(i) for i in ids)
