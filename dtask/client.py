@@ -591,6 +591,11 @@ class Client:
         reply = self._call(p.CLUSTER, {}, p.CLUSTER_INFO, _whole, leader_only=False)
         return {k: v for k, v in reply.items() if k not in ("v", "t", "id")}
 
+    def drain_worker(self, worker_id: str) -> None:
+        """Ask a worker (through the leader) to finish its tasks, deregister and exit."""
+        self._call(p.DRAIN_WORKER, {"worker_id": _ident("worker_id", worker_id)}, p.DRAIN_OK,
+                   _whole)
+
     def close(self) -> None:
         """Fail outstanding requests (code CLOSED), stop the I/O thread, close sockets."""
         with self._lock:

@@ -65,6 +65,9 @@ VERSION = 1
 # scheduler -> worker (pushed; a worker must accept any number per frame)
 #   run       tasks: [{task_id, attempt, type, payload, content_type, timeout, name}]
 #   kill      task_id, attempt
+#   drain     -   (the worker finishes its tasks, reports, sends bye and exits)
+# client -> scheduler, for operators
+#   drain_worker  worker_id                        drain_ok   worker_id
 
 # -- message types --------------------------------------------------------------
 # client -> scheduler, and the reply type for each
@@ -75,6 +78,7 @@ CANCEL, CANCELLED_REPLY = "cancel", "cancel_ok"
 WAIT = "wait"  # replied with TASK once the task is terminal or the wait times out
 LOGS, LOG_CHUNKS = "logs", "log_chunks"
 CLUSTER, CLUSTER_INFO = "cluster", "cluster_info"
+DRAIN_WORKER, DRAIN_OK = "drain_worker", "drain_ok"
 # worker -> scheduler
 REGISTER, REGISTERED = "register", "registered"
 HEARTBEAT, HEARTBEAT_ACK = "heartbeat", "heartbeat_ack"
@@ -84,9 +88,10 @@ BYE = "bye"  # deregistration; no reply
 # scheduler -> worker (pushed, no id)
 RUN = "run"  # one or more task attempts to run
 KILL = "kill"  # cancel a running attempt
+DRAIN = "drain"  # stop taking tasks, finish the running ones, deregister, exit
 ERROR = "error"
 
-CLIENT_TYPES = frozenset({SUBMIT, STATUS, LIST, CANCEL, WAIT, LOGS, CLUSTER})
+CLIENT_TYPES = frozenset({SUBMIT, STATUS, LIST, CANCEL, WAIT, LOGS, CLUSTER, DRAIN_WORKER})
 WORKER_TYPES = frozenset({REGISTER, HEARTBEAT, RESULT, LOG, BYE})
 
 # -- error codes ------------------------------------------------------------------

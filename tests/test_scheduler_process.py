@@ -171,3 +171,22 @@ def test_results_held_across_a_leader_sigkill_land_exactly_once(cluster, client)
     assert [t["status"] for t in tasks] == [p.COMPLETED] * 8
     assert [len(t["attempts"]) for t in tasks] == [1] * 8  # no rerun, no double count
     assert all(b"done" in client.logs(i) for i in ids)
+
+
+def test_drain_lets_running_tasks_finish_then_the_worker_leaves(cluster, client):
+    w1 = cluster.start_worker("w1", 2)
+    running = client.submit("shell", {"cmd": "sleep 1; echo finished"})
+    deadline = time.monotonic() + 15
+    while client.status(running)["status"] != p.RUNNING:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    client.drain_worker("w1")
+    later = client.submit("shell", {"cmd": "true"})  # must not go to the draining worker
+    assert w1.wait(timeout=30) == 0  # it finished, reported, said bye and exited cleanly
+    task = client.wait(running, timeout=10)
+    assert task["status"] == p.COMPLETED and len(task["attempts"]) == 1
+    assert client.status(later)["attempts"] == []
+    workers = client.cluster().get("workers", [])
+    assert all(w["id"] != "w1" for w in workers)
+    cluster.start_worker("w2", 1)
+    assert client.wait(later, timeout=15)["status"] == p.COMPLETED

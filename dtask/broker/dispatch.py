@@ -43,9 +43,12 @@ class WorkerInfo:
     # be stale by the time they arrive (a heartbeat overtaken by a push).
     assigned: set[str] = field(default_factory=set)
     draining: bool = False  # it reported no free slot while we counted some: stop
+    drain_requested: bool = False  # an operator asked it to drain: never again
 
     def free(self) -> int:
-        return 0 if self.draining else self.concurrency - len(self.assigned)
+        if self.draining or self.drain_requested:
+            return 0
+        return self.concurrency - len(self.assigned)
 
     def report_credits(self, credits: int) -> None:
         """The worker's own count of free slots: only ever used to stop sending."""

@@ -313,6 +313,19 @@ class SchedulerServer(NodeDaemon):
                 for w in self.dispatcher.workers.values()]
         self.send(ident, p.reply(p.CLUSTER_INFO, rid, **fields))
 
+    def _drain_worker(self, ident: bytes, rid: object, msg: dict) -> None:
+        worker_id = p.get_str(msg, "worker_id", max_len=128)
+        if not self.require_leader(ident, rid) or self.dispatcher is None:
+            return
+        worker = self.dispatcher.workers.get(worker_id)
+        if worker is None or not worker.registered:
+            self.send(ident, p.error(rid, p.NOT_FOUND, f"no registered worker {worker_id}"))
+            return
+        worker.drain_requested = True  # no more tasks for it, from now on
+        self.send(worker.ident, p.pack({"v": p.VERSION, "t": p.DRAIN}))
+        log.info("event=worker_drain worker=%s running=%d", worker_id, len(worker.assigned))
+        self.send(ident, p.reply(p.DRAIN_OK, rid, worker_id=worker_id))
+
     def _read(self, ident: bytes, rid: object, stale: bool, answer) -> None:
         """Linearizable by default (ReadIndex on the leader); stale reads on any node."""
         if stale:
@@ -331,7 +344,7 @@ class SchedulerServer(NodeDaemon):
 
     _CLIENT_HANDLERS = {p.SUBMIT: _submit, p.STATUS: _status, p.LIST: _list,
                         p.CANCEL: _cancel, p.WAIT: _wait, p.LOGS: _logs,
-                        p.CLUSTER: _cluster}
+                        p.CLUSTER: _cluster, p.DRAIN_WORKER: _drain_worker}
 
     # ------------------------------------------------------------------ proposals
 

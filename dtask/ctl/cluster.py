@@ -190,3 +190,17 @@ def workers(node_timeout: float) -> int:
     click.echo(out.table(["ID", "HOST", "PID", "SLOTS", "FREE", "RUNNING", "QUEUES",
                           "SEEN", ""], rows))
     return OK
+
+
+@main.command()
+@click.argument("worker_id", metavar="WORKER_ID")
+@common
+def drain(worker_id: str) -> int:
+    """Drain a worker: it takes no new tasks, finishes (or, at its drain timeout, hands
+    back) the running ones, reports them, deregisters and exits."""
+    settings().client().drain_worker(worker_id)
+    if settings().json:
+        out.dump({"worker_id": worker_id, "draining": True})
+    else:
+        click.echo(f"draining {worker_id}")
+    return OK

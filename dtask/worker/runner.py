@@ -126,6 +126,11 @@ class Worker:
                 self._on_kill(msg)
             elif t == p.RESULT_ACK:
                 self._on_ack(msg)
+            elif t == p.HEARTBEAT_ACK:
+                pass  # its arrival already counted as the leader being alive
+            elif t == p.DRAIN:
+                log.info("event=drain_requested endpoint=%s", ep)
+                self.request_stop()  # as on SIGTERM: finish, report, say bye, exit 0
             else:
                 raise p.ProtocolError(p.BAD_REQUEST, f"unexpected message type {t!r}")
         except p.ProtocolError as exc:
