@@ -59,9 +59,6 @@ class Pending:
     submits: list[tuple[bytes, object, list]] = field(default_factory=list)
     cancels: list[tuple[bytes, object, str]] = field(default_factory=list)
 
-    def any(self) -> bool:
-        return bool(self.submits or self.cancels)
-
 
 class SchedulerServer(NodeDaemon):
     def __init__(self, cfg: SchedulerConfig, ctx: zmq.Context | None = None) -> None:

@@ -87,9 +87,6 @@ class Ready:
     role: Role = Role.FOLLOWER
     term: int = 0
 
-    def any(self) -> bool:
-        return bool(self.hard_state or self.entries or self.snapshot or self.committed_entries
-                    or self.messages or self.read_states)
 
 
 def bootstrap_snapshot(voters: list[int] | tuple[int, ...], data: bytes = b"") -> Snapshot:

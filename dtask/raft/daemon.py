@@ -10,6 +10,7 @@ import time
 
 import zmq
 
+from .. import sdnotify
 from .node import RaftNode
 
 log = logging.getLogger("dtask.raft.daemon")
@@ -44,8 +45,11 @@ class NodeDaemon:
         poller.register(self.node.socket, zmq.POLLIN)
         poller.register(self.node.wake_socket, zmq.POLLIN)
         poller.register(self.sock, zmq.POLLIN)
+        watchdog = sdnotify.Watchdog()
+        sdnotify.ready()  # systemd Type=notify: serving from here on
         try:
             while self.running:
+                watchdog.maybe_ping(time.monotonic())
                 events = dict(poller.poll(self.poll_timeout_ms()))
                 if self.node.socket in events:
                     self.node.on_readable()
@@ -65,6 +69,7 @@ class NodeDaemon:
         """Graceful stop: a leader hands leadership over first (bounded wait)."""
         if self.stopping_since:
             return
+        sdnotify.stopping()
         self.stopping_since = time.monotonic()
         if self.node.is_leader:
             target = self.node.transfer_leadership()

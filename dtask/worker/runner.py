@@ -19,6 +19,7 @@ from typing import Any
 import zmq
 
 from .. import protocol as p
+from .. import sdnotify
 from . import signals
 from .config import WorkerConfig
 from .connection import Connection
@@ -346,15 +347,22 @@ class Worker:
         log.info("event=worker_started worker_id=%s pid=%d concurrency=%d executors=%s "
                  "endpoints=%s", c.worker_id, os.getpid(), c.concurrency,
                  ",".join(self.executors), ",".join(c.endpoints))
+        watchdog = sdnotify.Watchdog()
+        sdnotify.ready()  # systemd Type=notify: the worker is up and looking for a leader
         try:
             while not self.done:
                 if self.signals != self.signals_seen:
                     self.signals_seen += 1
+                    sdnotify.stopping()
                     self.request_stop()
                     continue
-                due = self._tick(time.monotonic())
+                now = time.monotonic()
+                watchdog.maybe_ping(now)
+                due = self._tick(now)
                 if self.done:
                     break
+                if watchdog.enabled:
+                    due = min(due, now + watchdog.interval)
                 self.reactor.poll(max(0.0, due - time.monotonic()))
         finally:
             self._close()
