@@ -177,6 +177,56 @@ def test_timed_out_op_takes_effect_at_most_once() -> None:
     assert_ok([append(0, 0, INF, "a"), append(1, 1, 2, "b"), get(1, 3, 4, "ba")])
 
 
+def test_timed_out_op_may_land_after_a_later_put() -> None:
+    # The checker never lets a put directly overwrite a timed-out op's unseen effect; these
+    # make sure that pruning still finds orders where the timed-out op comes after the put.
+    assert_ok([put(0, 0, INF, "a"), put(1, 1, 2, "b"), get(1, 3, 4, "a")])
+    assert_ok([append(0, 0, INF, "x"), put(1, 1, 2, "b"), get(1, 3, 4, "bx")])
+    assert_ok([append(0, 0, INF, "x"), get(1, 1, 2, "x"), put(1, 3, 4, "b"), get(1, 5, 6, "b")])
+    assert_rejected([append(0, 0, INF, "x"), put(1, 1, 2, "b"), get(1, 3, 4, "xb")])
+
+
+def test_pruning_keeps_resets_that_can_explain_a_read() -> None:
+    # The look-ahead rejects a state the next read cannot see unless a put/cas invoked in
+    # time could reset the value to something it can. Valid histories relying on that:
+    # - the timed-out append is seen by a long read, then a put resets before the next read;
+    assert_ok(
+        [
+            put(0, 0, 1, "a"),
+            append(1, 2, INF, "x"),
+            get(2, 3, 10, "ax"),
+            put(3, 4, 8, "v"),
+            get(4, 5, 7, "v"),
+        ]
+    )
+    # - a timed-out cas (whose precondition the append makes true) explains the read;
+    assert_ok(
+        [
+            put(0, 0, 1, "a"),
+            append(1, 2, 3, "b"),
+            cas(2, 2.5, INF, "ab", "z", None),
+            get(3, 4, 5, "z"),
+        ]
+    )
+    # - a completed cas that succeeded saw its expected value, then reset it.
+    assert_ok(
+        [
+            put(0, 0, 1, "a"),
+            append(1, 2, INF, "x"),
+            cas(2, 3, 6, "ax", "z", True),
+            get(3, 4, 5, "z"),
+        ]
+    )
+    assert_rejected(
+        [
+            put(0, 0, 1, "a"),
+            append(1, 2, INF, "x"),
+            cas(2, 3, 6, "ay", "z", True),
+            get(3, 4, 5, "z"),
+        ]
+    )
+
+
 def test_output_of_timed_out_ops_is_ignored() -> None:
     assert_ok([get(0, 0, INF, "garbage"), put(1, 1, 2, "a"), get(1, 3, 4, "a")])
     # A timed-out cas reporting "success" must not force success (nor failure).
@@ -198,6 +248,24 @@ def test_many_timed_out_ops_do_not_blow_up() -> None:
     res = check_kv([*history, get(6, 1000, 1001, "never-written")], timeout=5.0)
     assert not res.ok and not res.timed_out
     assert "? (outcome unknown)" in res.detail
+
+
+def test_many_timed_out_appends_do_not_blow_up() -> None:
+    # 12 timed-out appends could be applied in 12! orders (times subsets) before each read.
+    history = [append(c % 5, c, INF, f"t{c}.") for c in range(12)]
+    history += [put(5, 50, 51, "v"), get(6, 52, 53, "v")]
+    history += [append(5, 54 + 2 * i, 55 + 2 * i, f"c{i}.") for i in range(10)]
+    seen = (
+        "v"
+        + "".join(f"c{i}." for i in range(5))
+        + "t7.t3."
+        + "".join(f"c{i}." for i in range(5, 10))
+    )
+    res = check_kv([*history, get(6, 100, 101, seen)], timeout=5.0)
+    assert res.ok and not res.timed_out, res.detail
+    wrong = seen.replace("t7.t3.", "t7.t7.")  # one op cannot take effect twice
+    res = check_kv([*history, get(6, 100, 101, wrong)], timeout=5.0)
+    assert not res.ok and not res.timed_out
 
 
 # --- partitioning, reporting, timeouts, validation -------------------------------------
@@ -310,7 +378,7 @@ def simulate(specs: list[Spec], n_keys: int) -> list[Operation]:
     return out
 
 
-def spec_strategy(n_clients: int, n_keys: int) -> st.SearchStrategy[Spec]:
+def spec_strategy(n_clients: int, n_keys: int, ok_weight: int = 8) -> st.SearchStrategy[Spec]:
     return st.tuples(
         st.integers(0, n_clients - 1),
         st.sampled_from(["get", "get", "put", "append", "cas"]),
@@ -318,14 +386,22 @@ def spec_strategy(n_clients: int, n_keys: int) -> st.SearchStrategy[Spec]:
         st.floats(0, 2, allow_nan=False),
         st.floats(0, 5, allow_nan=False),
         st.floats(0, 1, allow_nan=False),
-        st.sampled_from(["ok"] * 8 + ["lost", "applied"]),
+        st.sampled_from(["ok"] * ok_weight + ["lost", "applied"]),
     )
 
 
-def random_specs(rng: random.Random, n: int, n_clients: int, n_keys: int) -> list[Spec]:
+def random_specs(
+    rng: random.Random,
+    n: int,
+    n_clients: int,
+    n_keys: int,
+    max_dur: float = 5.0,
+    p_timeout: float = 0.05,
+) -> list[Spec]:
     def outcome() -> str:
-        r = rng.random()
-        return "ok" if r < 0.95 else ("lost" if r < 0.975 else "applied")
+        if rng.random() >= p_timeout:
+            return "ok"
+        return rng.choice(["lost", "applied"])
 
     return [
         (
@@ -333,7 +409,7 @@ def random_specs(rng: random.Random, n: int, n_clients: int, n_keys: int) -> lis
             rng.choice(["get", "get", "put", "append", "cas"]),
             rng.randrange(n_keys),
             rng.uniform(0, 2),
-            rng.uniform(0.1, 5),
+            rng.uniform(0.1, max_dur),
             rng.random(),
             outcome(),
         )
@@ -353,7 +429,7 @@ def mutate_a_get(history: list[Operation], pick: int) -> list[Operation] | None:
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.lists(spec_strategy(5, 3), max_size=40), st.integers(0, 1000))
+@given(st.lists(spec_strategy(5, 3), max_size=60), st.integers(0, 1000))
 def test_executed_histories_accepted_and_mutated_rejected(specs: list[Spec], pick: int) -> None:
     history = simulate(specs, 3)
     assert_ok(history)
@@ -432,13 +508,51 @@ def test_agrees_with_brute_force_oracle(history: list[Operation]) -> None:
     assert check_kv(history).ok == brute_force(history), history
 
 
+def perturb(history: list[Operation], which: int, pick: int) -> list[Operation]:
+    """Change one completed get/cas output to a plausible wrong (or right) one."""
+    targets = [i for i, o in enumerate(history) if o.ret != INF and o.kind in ("get", "cas")]
+    if not targets:
+        return history
+    i = targets[which % len(targets)]
+    o = history[i]
+    if o.kind == "cas":
+        return [*history[:i], replace(o, output=not o.output), *history[i + 1 :]]
+    pool: list[object] = [None]
+    pool += [x.output for x in history if x.kind == "get"]
+    pool += [x.value for x in history if x.kind == "put"]
+    pool += [(o.output or "") + x.value for x in history if x.kind == "append"]  # type: ignore[operator]
+    return [*history[:i], replace(o, output=pool[pick % len(pool)]), *history[i + 1 :]]
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(spec_strategy(3, 1, ok_weight=2), min_size=1, max_size=8),
+    st.booleans(),
+    st.integers(0, 1000),
+    st.integers(0, 1000),
+)
+def test_agrees_with_brute_force_on_perturbed_executions(
+    specs: list[Spec], mutate: bool, which: int, pick: int
+) -> None:
+    # Real executions, half of them with a near-miss output: exercises the pruning of
+    # timed-out ops (half of the ops here) right at the linearizable/not boundary.
+    history = simulate(specs, 1)
+    if mutate:
+        history = perturb(history, which, pick)
+    assert check_kv(history).ok == brute_force(history), history
+
+
 # --- speed --------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("seed", range(5))
-def test_sim_sized_history_is_fast(seed: int) -> None:
+@pytest.mark.parametrize(
+    ("seed", "max_dur", "p_timeout"),
+    [(seed, 5.0, 0.05) for seed in range(5)] + [(seed, 10.0, 0.2) for seed in range(5)],
+)
+def test_sim_sized_history_is_fast(seed: int, max_dur: float, p_timeout: float) -> None:
     rng = random.Random(seed)
-    history = simulate(random_specs(rng, 300, n_clients=5, n_keys=4), 4)
+    specs = random_specs(rng, 300, n_clients=5, n_keys=4, max_dur=max_dur, p_timeout=p_timeout)
+    history = simulate(specs, 4)
     start = time.perf_counter()
     res = check_kv(history, timeout=5.0)
     assert res.ok and not res.timed_out, res.detail

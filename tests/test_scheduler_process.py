@@ -34,6 +34,13 @@ def wait_all(client, ids, timeout=60.0) -> list[dict]:
     return [client.wait(i, timeout=timeout) for i in ids]
 
 
+def wait_running(client, task_id: str, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while client.status(task_id)["status"] != p.RUNNING:
+        assert time.monotonic() < deadline, f"{task_id} never started"
+        time.sleep(0.05)
+
+
 def started(task: dict, attempt: int = 1) -> float:
     return task["attempts"][attempt - 1]["started_us"] / 1e6
 
@@ -88,10 +95,7 @@ def test_cancel_pending_and_running_tasks(cluster, client):
     assert client.cancel(pending)["status"] == p.CANCELLED
     cluster.start_worker("w1", 2)
     running = client.submit("shell", {"cmd": "sleep 30"})
-    deadline = time.monotonic() + 15
-    while client.status(running)["status"] != p.RUNNING:
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    wait_running(client, running)
     client.cancel(running)
     task = client.wait(running, timeout=15)
     assert task["status"] == p.CANCELLED
@@ -103,10 +107,7 @@ def test_cancel_pending_and_running_tasks(cluster, client):
 def test_worker_sigkill_mid_task_reruns_elsewhere(cluster, client):
     w1 = cluster.start_worker("w1", 1)
     tid = client.submit("shell", {"cmd": "sleep 1.5"})
-    deadline = time.monotonic() + 15
-    while client.status(tid)["status"] != p.RUNNING:
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    wait_running(client, tid)
     assert client.status(tid)["attempts"][0]["worker"] == "w1"
     w1.send_signal(signal.SIGKILL)
     cluster.start_worker("w2", 1)
@@ -176,10 +177,7 @@ def test_results_held_across_a_leader_sigkill_land_exactly_once(cluster, client)
 def test_drain_lets_running_tasks_finish_then_the_worker_leaves(cluster, client):
     w1 = cluster.start_worker("w1", 2)
     running = client.submit("shell", {"cmd": "sleep 1; echo finished"})
-    deadline = time.monotonic() + 15
-    while client.status(running)["status"] != p.RUNNING:
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    wait_running(client, running)
     client.drain_worker("w1")
     later = client.submit("shell", {"cmd": "true"})  # must not go to the draining worker
     assert w1.wait(timeout=30) == 0  # it finished, reported, said bye and exited cleanly

@@ -19,14 +19,24 @@ Operations with an unknown outcome (``ret == math.inf``: timed out, leader lost)
 effect at any point after their call, or never, and their output is unknown. They only get
 a call event (no return), so they never block the search; the search succeeds once every
 *completed* operation is linearized, which leaves the rest as "never happened" (or "happened
-after everything", indistinguishable). To avoid trying all 2^k subsets of the k pending
-operations, the cache stores, per (completed-set, state), the sets of pending operations
-already used on visited paths, and prunes a path whose used set is a superset of one of them:
-it has the same constraints and state but fewer operations left, so it cannot succeed where
-the other did not. Pending gets (no effect, no observation) are dropped, and a pending
-operation is only tried where it would change the state. Completed operations are tried
-before pending ones at each step, so the first path reaching a sub-problem tends to have
-used few pending operations, which makes the subsumption prune most later paths.
+after everything", indistinguishable). Each can be used or not, anywhere, so k of them could
+mean 2^k subsets in k! orders. What keeps that in check:
+
+* subsumption instead of plain caching: per (completed-set, state) the cache keeps the sets
+  of pending ops used on visited nodes, and prunes a node whose used set is a superset of one
+  of them (same constraints and state, fewer ops left: it cannot succeed where that failed);
+  completed ops are tried before pending ones, so the first visit tends to use few;
+* canonical orders: a pending get (no effect, nothing observed) is dropped, a pending op is
+  only tried where it changes the state, and no put may follow a pending op until a get or
+  cas has observed the value: the put would overwrite an effect nobody saw, and dropping
+  those pending ops ("never happened") gives an equally valid order;
+* a bounded look-ahead (`may_matter` in `_check_key`) rejects a state that the next get (or
+  successful cas) to return cannot observe: before it, the value only grows by appends or
+  is reset by a put/cas invoked in time.
+
+All of these only skip orders that cannot succeed or have an equivalent that is searched;
+the tests compare the checker with a brute-force search on small histories. A history with
+very many timed-out ops on one key can still take exponential time: use `timeout`.
 
 Ties: a call and a return at the same timestamp are treated as concurrent (calls sort
 before returns), as in porcupine; that errs towards accepting.
@@ -43,9 +53,12 @@ __all__ = ["CheckResult", "Operation", "check_kv"]
 _PUT, _GET, _APPEND, _CAS = range(4)
 _KINDS = {"put": _PUT, "get": _GET, "append": _APPEND, "cas": _CAS}
 
-# How many search steps between looks at the clock (time.monotonic costs ~50 ns; the
-# step itself ~1 us, so this keeps the overhead negligible and the overshoot < ~1 ms).
-_CLOCK_EVERY = 1024
+# Search steps between looks at the clock: time.monotonic costs ~50 ns and a step 1-20 us,
+# so the overhead is negligible and a timeout overshoots by a few ms at most.
+_CLOCK_EVERY = 256
+# How many completed ops' list nodes the look-ahead walks before giving up; bounds its cost.
+_LOOKAHEAD = 48
+_ANY = object()  # marks a reset with no precondition (a put)
 
 
 @dataclass(slots=True, frozen=True)
@@ -161,21 +174,81 @@ def _check_key(ops: list[Operation], deadline: float | None) -> tuple[bool, list
             ret_node[e[2]] = idx
     match = [ret_node[e[2]] if e[1] == 0 else -1 for e in events]
 
+    def may_matter(new: object, dirty: bool, own_call: int, own_ret: int) -> bool:
+        """Look ahead (a bounded walk of the list) for a reason the candidate is doomed.
+
+        Until the next observation returns (a get, or a successful cas: it saw its expected
+        value), the value changes only by appends, which extend it, and by resets (puts,
+        cas) invoked before that return. So a string `new` is doomed if the observed value
+        starts neither with it nor with any such reset's value. And if the next thing to
+        return is a put, with no get/cas invoked before, an unobserved pending effect
+        (`dirty`) will be overwritten unseen: the canonical order drops those pending ops.
+        Without these, every order of the pending appends would be tried and found wrong
+        only at the next observation (k! states).
+        """
+        # (op, value it may set, value it needs first: a cas's expected, or _ANY for a put)
+        resets: list[tuple[int, object, object]] = []
+        observers = 0  # completed gets/cas invoked so far: they could see the value
+        w = nxt[head]
+        budget = _LOOKAHEAD
+        while w != tail and budget:
+            if w != own_call and w != own_ret:
+                j = node_op[w]
+                budget -= not pending[j]  # timed-out ops pile up at the front: don't count
+                k = kind[j]
+                if is_ret[w]:
+                    if k == _PUT:
+                        return observers > 0 or not dirty
+                    if k == _GET or (k == _CAS and out[j]):
+                        seen = out[j] if k == _GET else arg[j][0]  # type: ignore[index]
+                        if _may_lead_to(new, seen):
+                            return True
+                        # While dirty, a put needs another observation before it.
+                        puts_ok = not dirty or observers > 1
+                        usable = [
+                            (v, need)
+                            for op, v, need in resets
+                            if op != j and (puts_ok or need is not _ANY)
+                        ]
+                        # A reset explains `seen` if its value can lead there and it can
+                        # happen: a put always, a cas if the candidate's value or another
+                        # reset's can lead to what it expects (deeper chains: assumed).
+                        return any(
+                            _may_lead_to(v, seen)
+                            and (
+                                need is _ANY
+                                or _may_lead_to(new, need)
+                                or any(_may_lead_to(u, need) for u, _ in usable)
+                            )
+                            for v, need in usable
+                        )
+                else:
+                    if k == _PUT:
+                        resets.append((j, arg[j], _ANY))
+                    elif k == _CAS and (pending[j] or out[j]):  # a failing cas sets nothing
+                        resets.append((j, arg[j][1], arg[j][0]))  # type: ignore[index]
+                    if not pending[j] and k in (_GET, _CAS):
+                        observers += 1
+            w = nxt[w]
+        return True
+
     state: object = None
     lin_c = 0  # bitset of linearized completed ops
     lin_p = 0  # bitset of linearized pending ops
+    # "Dirty": a pending op was linearized after the last observation (completed get/cas).
+    # A put is then not allowed: it would overwrite an effect nobody saw, and dropping those
+    # pending ops ("never happened") gives an equally valid order. Searching only such
+    # canonical orders stops runs of timed-out ops being tried in every subset and order.
+    dirty = False
     remaining = n - sum(pending)
     has_pending = remaining < n
-    # True when the last linearized op is a pending one (see the put rule below).
-    after_pending = False
-    # Marks cache entries made right after a pending op: those explore fewer continuations
-    # (no put next), so they may only subsume entries that are equally restricted.
-    after_pending_bit = 1 << n
-    # (lin_c, state) -> pending-used bitsets (plus after_pending_bit) of visited nodes.
+    # (lin_c, state) -> visited nodes' pending-used bitsets, plus dirty_bit for dirty ones:
+    # those explore fewer continuations, so they may only subsume dirty nodes.
+    dirty_bit = 1 << n
     cache: dict[tuple[int, object], list[int]] = {(0, None): [0]}
-    # Frames: (call node, state before it, phase). Phase 0 tries completed ops, phase 1
-    # pending ops, both over the same candidate window.
-    stack: list[tuple[int, object, int]] = []
+    # Frames: (call node, state before it, dirty before it, phase). Phase 0 tries completed
+    # ops, phase 1 pending ones, both over the same candidate window.
+    stack: list[tuple[int, object, bool, int]] = []
     longest: list[int] = []
     steps = 0
     node = nxt[head]
@@ -195,8 +268,7 @@ def _check_key(ops: list[Operation], deadline: float | None) -> tuple[bool, list
                 longest = [orig[node_op[f[0]]] for f in stack]
             if not stack:
                 return False, longest
-            node, state, phase = stack.pop()
-            after_pending = bool(stack) and pending[node_op[stack[-1][0]]]
+            node, state, dirty, phase = stack.pop()
             j = node_op[node]
             if pending[j]:
                 lin_p ^= 1 << j
@@ -215,15 +287,8 @@ def _check_key(ops: list[Operation], deadline: float | None) -> tuple[bool, list
 
         j = node_op[node]
         pend = pending[j]
-        if pend != phase:  # phase is 0/1, pending False/True
-            node = nxt[node]
-            continue
         k = kind[j]
-        if k == _PUT and after_pending:
-            # A put overwrites whatever the pending op just before it did, so linearizing
-            # that pending op there is pointless: dropping it ("never happened") gives an
-            # equally valid order. Skipping such orders stops runs of timed-out puts from
-            # being tried in every subset and order.
+        if pend != phase or (k == _PUT and dirty):  # phase is 0/1, pend False/True
             node = nxt[node]
             continue
         if k == _GET:
@@ -245,12 +310,23 @@ def _check_key(ops: list[Operation], deadline: float | None) -> tuple[bool, list
             # Rejected, or a pending op with no effect here (same as not linearizing it).
             node = nxt[node]
             continue
+        if pend:
+            new_dirty = True
+        elif k in (_GET, _CAS):
+            new_dirty = False
+        else:
+            new_dirty = dirty
+        if (new_dirty or (k != _GET and type(new) is str)) and not may_matter(
+            new, new_dirty, node, match[node]
+        ):
+            node = nxt[node]
+            continue
         bit = 1 << j
         if pend:
             new_c, new_p = lin_c, lin_p | bit
         else:
             new_c, new_p = lin_c | bit, lin_p
-        mark = new_p | after_pending_bit if pend else new_p
+        mark = new_p | dirty_bit if new_dirty else new_p
         seen = cache.get((new_c, new))
         if seen is None:
             cache[(new_c, new)] = [mark]
@@ -259,9 +335,8 @@ def _check_key(ops: list[Operation], deadline: float | None) -> tuple[bool, list
             continue
         else:
             seen.append(mark)
-        stack.append((node, state, phase))
-        state, lin_c, lin_p = new, new_c, new_p
-        after_pending = pend
+        stack.append((node, state, dirty, phase))
+        state, dirty, lin_c, lin_p = new, new_dirty, new_c, new_p
         if not pend:
             remaining -= 1
         # lift: unlink the call, then its return (if any).
@@ -277,6 +352,13 @@ def _check_key(ops: list[Operation], deadline: float | None) -> tuple[bool, list
         phase = 0
 
     return True, [orig[node_op[f[0]]] for f in stack]
+
+
+def _may_lead_to(value: object, seen: object) -> bool:
+    """Can a state of `value` become `seen` by appends alone? (Unknown types: assume so.)"""
+    if type(value) is str:
+        return type(seen) is str and seen.startswith(value)
+    return True
 
 
 def _fmt_time(t: float) -> str:
