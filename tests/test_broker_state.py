@@ -285,3 +285,29 @@ def test_rebuild_in_steps_indexes_every_task_and_holds_dispatch_until_done(h):
     leases = d.assign(T0)
     assert len(leases) == 2500
     assert [x[0] for x in leases[:2]] == ["t0006", "t0013"]  # priority 6 first, FIFO
+
+
+def test_a_lease_the_worker_no_longer_runs_is_expired_after_two_heartbeats(h):
+    """The state says w1 runs 'a', but w1 does not list it and no result is on its way
+    (its result went to a leader that lost office): it must not stay RUNNING forever."""
+    from types import SimpleNamespace
+
+    from dtask.broker.workers import WorkerDesk
+
+    h.submit(wire("a"), wire("b"))
+    h.lease("a", worker="w1")
+    h.lease("b", worker="w1")
+    d = make_dispatcher(h)
+    w = d.register(worker("w1", credits=4), running={"b"})
+    d.sync("a")
+    d.sync("b")
+    desk = WorkerDesk(SimpleNamespace(state=h.s, dispatcher=d))
+    desk._check_running(w, [["b", 1]])
+    assert desk.expired == []  # once could be a race with a result in flight
+    desk._check_running(w, [["b", 1]])
+    assert [e[:3] for e in desk.expired] == [["a", 1, p.LOST]]
+    w.assigned.add("a")  # pushed again and not reported yet: not a suspect
+    desk.expired.clear()
+    desk._check_running(w, [["b", 1]])
+    desk._check_running(w, [["b", 1]])
+    assert desk.expired == []

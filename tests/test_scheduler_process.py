@@ -188,3 +188,43 @@ def test_drain_lets_running_tasks_finish_then_the_worker_leaves(cluster, client)
     assert all(w["id"] != "w1" for w in workers)
     cluster.start_worker("w2", 1)
     assert client.wait(later, timeout=15)["status"] == p.COMPLETED
+
+
+def test_rolling_restart_under_a_stream_of_submissions(cluster, client):
+    """SIGTERM each scheduler in turn (a leader hands over first) and start it again,
+    while a client keeps submitting: no submission fails after the client's retries,
+    and every acknowledged task completes."""
+    cluster.start_worker("w1", 4)
+    acked: list[str] = []
+    errors: list[BaseException] = []
+    stop = threading.Event()
+
+    def submit_stream() -> None:
+        i = 0
+        while not stop.is_set():
+            try:
+                acked.append(client.submit("shell", {"cmd": "true"},
+                                           idempotency_key=f"rolling-{i}"))
+                i += 1
+            except BaseException as exc:  # any failure is a finding
+                errors.append(exc)
+                return
+            time.sleep(0.005)
+
+    thread = threading.Thread(target=submit_stream)
+    thread.start()
+    try:
+        for node_id in cluster.members:
+            time.sleep(0.5)
+            cluster.kill(node_id, signal.SIGTERM)
+            assert cluster.members[node_id].proc.returncode == 0
+            cluster.start(node_id)
+            cluster.wait_leader()
+    finally:
+        time.sleep(0.5)
+        stop.set()
+        thread.join(30)
+    assert errors == []
+    assert len(acked) > 100 and len(set(acked)) == len(acked)
+    tasks = wait_all(client, acked, timeout=60)
+    assert {t["status"] for t in tasks} == {p.COMPLETED}

@@ -44,6 +44,7 @@ class WorkerInfo:
     assigned: set[str] = field(default_factory=set)
     draining: bool = False  # it reported no free slot while we counted some: stop
     drain_requested: bool = False  # an operator asked it to drain: never again
+    missing: set[str] = field(default_factory=set)  # leased here, absent from a heartbeat
 
     def free(self) -> int:
         if self.draining or self.drain_requested:

@@ -55,6 +55,7 @@ class WorkerDesk:
         worker.ident = ident
         if t == p.HEARTBEAT:
             worker.report_credits(p.get_int(msg, "credits", lo=0, hi=100_000))
+            self._check_running(worker, msg.get("running"))
             srv.send(ident, p.reply(p.HEARTBEAT_ACK, rid))
         elif t == p.RESULT:
             self._result(ident, worker, msg)
@@ -102,6 +103,27 @@ class WorkerDesk:
                     or current.number != item[1] or current.worker != worker.id):
                 self.server.send(worker.ident, p.pack({"v": p.VERSION, "t": p.KILL,
                                                        "task_id": item[0], "attempt": item[1]}))
+
+    def _check_running(self, worker: WorkerInfo, running: object) -> None:
+        """Leases the state gives this worker but that it no longer runs, with no result
+        on the way, would stay RUNNING forever (e.g. its result went to a leader that
+        lost office and the next one refused it as early). Seen missing in two
+        heartbeats in a row, such an attempt is expired as lost and retried."""
+        if not isinstance(running, list):
+            return
+        reported = {r[0] for r in running if isinstance(r, list) and r}
+        suspects = {t for t in worker.running
+                    if t not in reported and t not in worker.assigned}
+        now_us = time.time_ns() // 1000
+        for task_id in suspects & worker.missing:
+            task = self.server.state.get(task_id)
+            current = task.current() if task is not None else None
+            if task is not None and task.status == p.RUNNING and current is not None:
+                log.warning("event=attempt_lost task=%s attempt=%d worker=%s reason=not_running",
+                            task_id, current.number, worker.id)
+                self.expired.append([task_id, current.number, p.LOST,
+                                     "the worker no longer runs it", now_us])
+        worker.missing = suspects - worker.missing
 
     def _result(self, ident: bytes, worker: WorkerInfo, msg: dict) -> None:
         task_id = p.task_id_of(msg)
