@@ -451,6 +451,21 @@ def test_a_duplicate_run_of_a_running_attempt_is_ignored(env: dict) -> None:
     assert res["log"] == b"once\n" and len(fake.results("dup-1")) == 1
 
 
+def test_a_re_push_after_a_refused_result_runs_again(env: dict) -> None:
+    """A new leader that refused a result (its lease was not applied yet) and leases
+    the same attempt again must get a run and a result, not silence."""
+    fake = env["fake"]
+    t = task("again-1", "shell", {"cmd": "echo ran"})
+    fake.refuse_results = 1
+    fake.run(t)
+    fake.wait_result("again-1")
+    fake.wait_for(lambda: fake.refuse_results <= 0 or None, 5, "the refusing ack")
+    time.sleep(0.2)  # let the worker process the refusal
+    fake.run(t)
+    fake.wait_for(lambda: len(fake.results("again-1")) >= 2 or None, 10, "a second result")
+    assert [r["log"] for r in fake.results("again-1")] == [b"ran\n", b"ran\n"]
+
+
 def test_malformed_messages_do_not_crash_the_worker(env: dict) -> None:
     fake = env["fake"]
     for frame in (b"\xc1garbage", msgpack.packb([1, 2]), msgpack.packb({"v": 99, "t": "run"}),

@@ -167,6 +167,9 @@ class Worker:
         key = (p.task_id_of(msg), p.get_int(msg, "attempt", lo=0))
         if self.outbox.ack(key) and msg.get("accepted") is False:
             log.info("event=result_stale task_id=%s attempt=%d", *key)
+            # The leader did not record this run: if it pushes the same attempt again
+            # (a new leader re-leasing it), that is a new run, not a duplicate.
+            self.recent.pop(key, None)
 
     # -- running tasks ------------------------------------------------------------
 

@@ -50,6 +50,7 @@ class FakeScheduler:
         self.mode = "leader"  # "leader" | "not_leader" | "silent"
         self.leader_hint = ""
         self.drop_results = 0  # ignore this many results before acking
+        self.refuse_results = 0  # ack this many results with accepted=False (stale)
         self.unknown_worker = 0  # answer this many heartbeats with UNKNOWN_WORKER
         # what happened
         self.cond = threading.Condition()
@@ -158,8 +159,10 @@ class FakeScheduler:
             if self.drop_results > 0:
                 self.drop_results -= 1
             else:
+                accepted = self.refuse_results <= 0
+                self.refuse_results -= 1
                 reply = p.reply(p.RESULT_ACK, rid, task_id=msg["task_id"],
-                                attempt=msg["attempt"], accepted=True)
+                                attempt=msg["attempt"], accepted=accepted)
         if reply is not None:
             self.sock.send_multipart([ident, reply])
 
