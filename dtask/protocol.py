@@ -125,6 +125,8 @@ MAX_RESULT = 64 << 10  # bytes of a result value kept per attempt
 MAX_LOG = 1 << 20  # bytes of output kept per attempt
 MAX_NAME = 255
 _IDENT = re.compile(r"^[A-Za-z0-9_.:@/+-]{1,128}$")
+# Ids the leader assigns: its term and node id and a counter (unique: one leader per term).
+ASSIGNED_ID = re.compile(r"^[0-9a-f]+\.[0-9]+\.[0-9a-f]+$")
 
 
 class ProtocolError(Exception):
@@ -308,6 +310,9 @@ def parse_task_spec(raw: object, max_payload: int = MAX_PAYLOAD) -> TaskSpec:
     if spec.task_id and not _IDENT.match(spec.task_id):
         raise ProtocolError(BAD_REQUEST, f"field task_id has invalid characters: "
                             f"{spec.task_id!r}")
+    if ASSIGNED_ID.match(spec.task_id):
+        raise ProtocolError(BAD_REQUEST, f"task_id {spec.task_id!r} has the shape of ids the "
+                            "cluster assigns (TERM.NODE.SEQ in hex); choose another")
     if spec.delay and spec.at_us:
         raise ProtocolError(BAD_REQUEST, "give delay or at_us, not both")
     return spec

@@ -226,6 +226,20 @@ class Raft:
                     or self.log.committed > self.log.applied or self.read_states
                     or self._hard_state_changed())
 
+    def take_messages(self, types: frozenset) -> list[Message]:
+        """Remove and return the queued messages of these types, ahead of `ready()`.
+
+        The driver uses it for the leader's appends while a write is still in flight:
+        they do not depend on anything being durable (§10.2.1), and holding them back
+        until the write finishes would serialize replication behind the leader's fsync.
+        """
+        if not self.msgs:
+            return []
+        out = [m for m in self.msgs if m.type in types]
+        if out:
+            self.msgs = [m for m in self.msgs if m.type not in types]
+        return out
+
     def ready(self) -> Ready:
         rd = Ready(leader=self.leader, role=self.role, term=self.term)
         if self._hard_state_changed():

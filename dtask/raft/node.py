@@ -38,7 +38,8 @@ from .writer import StorageWriter
 log = logging.getLogger("dtask.raft.node")
 
 Callback = Callable[[object, Exception | None], None]
-EARLY_SEND = {MsgType.APPEND, MsgType.HEARTBEAT, MsgType.SNAPSHOT, MsgType.TIMEOUT_NOW}
+EARLY_SEND = frozenset({MsgType.APPEND, MsgType.HEARTBEAT, MsgType.SNAPSHOT,
+                        MsgType.TIMEOUT_NOW})
 
 
 class StateMachine(Protocol):
@@ -205,8 +206,13 @@ class RaftNode:
         if self._snapshot_child is not None and self._writing is None:
             self._poll_snapshot()
         for _ in range(4):  # advance() can make more ready work (a leader's own ack)
-            if self._writing is not None or not self.raft.has_ready():
-                return  # a write is in flight: on_wake() continues from there
+            if self._writing is not None:
+                # A write is in flight (on_wake() continues from there); the leader's
+                # new appends go to the followers now, in parallel with it.
+                self.transport.send(self.raft.take_messages(EARLY_SEND))
+                return
+            if not self.raft.has_ready():
+                return
             rd = self.raft.ready()
             # The leader's appends go out now, in parallel with its own write (§10.2.1).
             self.transport.send([m for m in rd.messages if m.type in EARLY_SEND])
