@@ -29,6 +29,7 @@ import itertools
 import json
 import math
 import random
+import struct
 import threading
 import time
 import uuid
@@ -38,7 +39,6 @@ from typing import Any
 
 import msgpack
 import zmq
-from zmq.utils.monitor import parse_monitor_message
 
 from . import protocol as p
 
@@ -273,6 +273,13 @@ def normalise_endpoint(endpoint: str) -> str:
     """Canonical form for comparing endpoints: lower case, no spaces, localhost → 127.0.0.1."""
     ep = endpoint.strip().rstrip("/").lower()
     return ep.replace("://localhost:", "://127.0.0.1:", 1)
+
+
+def _monitor_event(frames: list[bytes]) -> int:
+    """The event number of a ZeroMQ socket-monitor message: its first frame starts
+    with a 16-bit event id. (zmq.utils.monitor does the same but imports asyncio,
+    a fifth of dtaskctl's start-up time.)"""
+    return struct.unpack_from("=H", frames[0])[0]
 
 
 def parse_endpoints(endpoints: str | Iterable[str]) -> list[str]:
@@ -875,7 +882,7 @@ class Client:
         up = self._up[i]
         while True:
             try:
-                event = parse_monitor_message(mon.recv_multipart(zmq.NOBLOCK))["event"]
+                event = _monitor_event(mon.recv_multipart(zmq.NOBLOCK))
             except zmq.Again:
                 break
             up = bool(event & _UP_EVENTS)
