@@ -1,3 +1,3 @@
-from dtask.cli import main
+from dtask.cli import entry
 
-main()
+entry()

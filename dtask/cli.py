@@ -11,6 +11,7 @@ import click
 import zmq
 
 from . import devcluster
+from .config import ENV_PREFIX, config_option, data_dir, endpoint
 
 DEFAULT_BASE_PORT = 7301
 
@@ -46,9 +47,25 @@ def _serve(what: str, serve) -> None:
         sys.exit(2)
 
 
-@click.group()
+def entry() -> None:
+    """The `dtask` command: click's usage errors become one line, like every other error."""
+    try:
+        main(standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click.ClickException as exc:
+        click.echo(f"dtask: {exc.format_message()}", err=True)
+        sys.exit(exc.exit_code)
+    except click.Abort:
+        sys.exit(130)
+
+
+@click.group(context_settings={"auto_envvar_prefix": ENV_PREFIX})
 def main() -> None:
-    """DTask: a distributed task scheduler."""
+    """DTask: a distributed task scheduler.
+
+    Daemon options come from flags, then DTASK_<COMMAND>_<OPTION> environment
+    variables, then a TOML file given with --config (see dtask/config.py)."""
 
 
 @main.command()
@@ -101,11 +118,15 @@ def _parse_scheduler_peers(text: str) -> dict[int, tuple[str, str]]:
 
 
 @main.command()
-@click.option("--id", "node_id", type=click.IntRange(min=1), required=True)
-@click.option("--data-dir", required=True, type=click.Path(file_okay=False))
-@click.option("--raft", "raft_bind", required=True, help="Raft address to bind.")
-@click.option("--client", "client_bind", required=True,
-              help="Client and worker address to bind.")
+@config_option
+@click.option("--id", "node_id", type=click.IntRange(min=1), required=True,
+              envvar="DTASK_SCHEDULER_ID")
+@click.option("--data-dir", required=True, type=click.Path(file_okay=False), callback=data_dir)
+@click.option("--raft", "raft_bind", required=True, callback=endpoint,
+              envvar="DTASK_SCHEDULER_RAFT", help="Raft address to bind, tcp://HOST:PORT.")
+@click.option("--client", "client_bind", required=True, callback=endpoint,
+              envvar="DTASK_SCHEDULER_CLIENT",
+              help="Client and worker address to bind, tcp://HOST:PORT.")
 @click.option("--peers", required=True,
               help="Founding schedulers: ID=tcp://HOST:RAFTPORT@tcp://HOST:CLIENTPORT,...")
 @click.option("--join", is_flag=True, help="Start empty and wait to be added.")
@@ -129,6 +150,7 @@ def _csv(text: str) -> list[str]:
 
 
 @main.command()
+@config_option
 @click.option("--endpoints", envvar="DTASK_ENDPOINTS",
               default=",".join(f"tcp://127.0.0.1:{DEFAULT_BASE_PORT + i}" for i in range(3)),
               show_default=True, help="Scheduler client endpoints, comma-separated.")
