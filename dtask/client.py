@@ -603,6 +603,12 @@ class Client:
         self._call(p.DRAIN_WORKER, {"worker_id": _ident("worker_id", worker_id)}, p.DRAIN_OK,
                    _whole)
 
+    def transfer_leader(self, to: int = 0) -> int:
+        """Ask the leader to hand leadership to node `to` (0: the most caught-up voter);
+        returns the target. The transfer itself completes within an election timeout."""
+        reply = self._call(p.TRANSFER_LEADER, {"to": int(to)}, p.TRANSFER_OK, _whole)
+        return reply["to"]
+
     def close(self) -> None:
         """Fail outstanding requests (code CLOSED), stop the I/O thread, close sockets."""
         with self._lock:

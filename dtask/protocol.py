@@ -68,6 +68,7 @@ VERSION = 1
 #   drain     -   (the worker finishes its tasks, reports, sends bye and exits)
 # client -> scheduler, for operators
 #   drain_worker  worker_id                        drain_ok   worker_id
+#   transfer_leader  to?: int (0: the most caught-up) transfer_ok to: int (leadership follows)
 
 # -- message types --------------------------------------------------------------
 # client -> scheduler, and the reply type for each
@@ -79,6 +80,7 @@ WAIT = "wait"  # replied with TASK once the task is terminal or the wait times o
 LOGS, LOG_CHUNKS = "logs", "log_chunks"
 CLUSTER, CLUSTER_INFO = "cluster", "cluster_info"
 DRAIN_WORKER, DRAIN_OK = "drain_worker", "drain_ok"
+TRANSFER_LEADER, TRANSFER_OK = "transfer_leader", "transfer_ok"
 # worker -> scheduler
 REGISTER, REGISTERED = "register", "registered"
 HEARTBEAT, HEARTBEAT_ACK = "heartbeat", "heartbeat_ack"
@@ -91,7 +93,8 @@ KILL = "kill"  # cancel a running attempt
 DRAIN = "drain"  # stop taking tasks, finish the running ones, deregister, exit
 ERROR = "error"
 
-CLIENT_TYPES = frozenset({SUBMIT, STATUS, LIST, CANCEL, WAIT, LOGS, CLUSTER, DRAIN_WORKER})
+CLIENT_TYPES = frozenset({SUBMIT, STATUS, LIST, CANCEL, WAIT, LOGS, CLUSTER, DRAIN_WORKER,
+                          TRANSFER_LEADER})
 WORKER_TYPES = frozenset({REGISTER, HEARTBEAT, RESULT, LOG, BYE})
 
 # -- error codes ------------------------------------------------------------------

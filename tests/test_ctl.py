@@ -169,6 +169,15 @@ def test_cluster_status_json(cluster):
     assert f"leader: node {leaders[0]['id']} at {leaders[0]['endpoint']}" in human
 
 
+def test_cluster_transfer_leader(cluster):
+    before = cluster.wait_leader()
+    target = next(i for i in cluster.members if i != before)
+    r = ctl(cluster, "cluster", "transfer-leader", str(target), "--json")
+    assert r.returncode == OK, r.stderr
+    assert json.loads(r.stdout) == {"to": target}
+    assert cluster.wait_leader(exclude=before, timeout=5) == target
+
+
 def test_cluster_status_shows_an_unreachable_node(cluster):
     dead = f"tcp://127.0.0.1:{free_ports(1)[0]}"
     eps = ",".join([*cluster.endpoints, dead])

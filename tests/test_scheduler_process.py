@@ -228,3 +228,15 @@ def test_rolling_restart_under_a_stream_of_submissions(cluster, client):
     assert len(acked) > 100 and len(set(acked)) == len(acked)
     tasks = wait_all(client, acked, timeout=60)
     assert {t["status"] for t in tasks} == {p.COMPLETED}
+
+
+def test_transfer_leader_on_request_keeps_serving(cluster, client):
+    leader = cluster.wait_leader()
+    target = next(i for i in cluster.members if i != leader)
+    assert client.transfer_leader(target) == target
+    assert cluster.wait_leader(exclude=leader, timeout=5) == target
+    task_id = client.submit("shell", {"cmd": "true"})  # the client follows by itself
+    assert client.status(task_id)["status"] == p.PENDING
+    from dtask.client import BadRequest
+    with pytest.raises(BadRequest):
+        client.transfer_leader(99)  # not a voter

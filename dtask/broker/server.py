@@ -23,7 +23,7 @@ import zmq
 
 from .. import protocol as p
 from ..gcpolicy import GCPolicy
-from ..raft.core import NotLeader
+from ..raft.core import NotLeader, ProposalRejected
 from ..raft.daemon import NodeDaemon, run_daemon
 from ..raft.node import NodeConfig, RaftNode
 from ..raft.progress import Role
@@ -329,6 +329,19 @@ class SchedulerServer(NodeDaemon):
         log.info("event=worker_drain worker=%s running=%d", worker_id, len(worker.assigned))
         self.send(ident, p.reply(p.DRAIN_OK, rid, worker_id=worker_id))
 
+    def _transfer_leader(self, ident: bytes, rid: object, msg: dict) -> None:
+        to = p.get_int(msg, "to", 0, lo=0, hi=1 << 62)
+        if not self.require_leader(ident, rid):
+            return
+        try:
+            target = self.node.transfer_leadership(to)
+        except ProposalRejected as exc:
+            raise p.ProtocolError(p.BAD_REQUEST, str(exc)) from None
+        if not target:
+            raise p.ProtocolError(p.CONFLICT, "no other voter to transfer leadership to")
+        log.info("event=transfer_leader to=%d requested=1", target)
+        self.send(ident, p.reply(p.TRANSFER_OK, rid, to=target))
+
     def _read(self, ident: bytes, rid: object, stale: bool, answer) -> None:
         """Linearizable by default (ReadIndex on the leader); stale reads on any node."""
         if stale:
@@ -347,7 +360,8 @@ class SchedulerServer(NodeDaemon):
 
     _CLIENT_HANDLERS = {p.SUBMIT: _submit, p.STATUS: _status, p.LIST: _list,
                         p.CANCEL: _cancel, p.WAIT: _wait, p.LOGS: _logs,
-                        p.CLUSTER: _cluster, p.DRAIN_WORKER: _drain_worker}
+                        p.CLUSTER: _cluster, p.DRAIN_WORKER: _drain_worker,
+                        p.TRANSFER_LEADER: _transfer_leader}
 
     # ------------------------------------------------------------------ proposals
 

@@ -204,3 +204,17 @@ def drain(worker_id: str) -> int:
     else:
         click.echo(f"draining {worker_id}")
     return OK
+
+
+@cluster.command("transfer-leader")
+@click.argument("node_id", type=int, required=False, default=0)
+@common
+def transfer_leader(node_id: int) -> int:
+    """Hand leadership to NODE_ID (default: the most caught-up scheduler), e.g. before
+    maintenance on the leader's machine."""
+    target = settings().client().transfer_leader(node_id)
+    if settings().json:
+        out.dump({"to": target})
+    else:
+        click.echo(f"leadership is moving to node {target}")
+    return OK
