@@ -191,9 +191,18 @@ def test_cluster_status_shows_an_unreachable_node(cluster):
 
 
 def test_workers(cluster):
-    r = ctl(cluster, "workers", "--json")
+    # After a leader change (another test transfers leadership) the worker needs a
+    # heartbeat or two to register with the new leader: wait for it, boundedly.
+    deadline = time.monotonic() + 15
+    while True:
+        r = ctl(cluster, "workers", "--json")
+        listed = {w["id"] for w in json.loads(r.stdout)["workers"]} if r.returncode == OK \
+            else set()
+        if r.returncode != OK or "w1" in listed or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
     if r.returncode == OK:  # the scheduler lists workers in its cluster reply
-        assert "w1" in {w["id"] for w in json.loads(r.stdout)["workers"]}
+        assert "w1" in listed
         assert "w1" in out(ctl(cluster, "workers"))
     else:  # an older scheduler: one clear line instead
         assert "not supported by this scheduler yet" in assert_one_error_line(r, 7)
