@@ -101,8 +101,7 @@ class WorkerDesk:
             current = task.current() if task is not None else None
             if (task is None or task.status != p.RUNNING or current is None
                     or current.number != item[1] or current.worker != worker.id):
-                self.server.send(worker.ident, p.pack({"v": p.VERSION, "t": p.KILL,
-                                                       "task_id": item[0], "attempt": item[1]}))
+                self._send_kill(worker, item[0], item[1])
 
     def _check_running(self, worker: WorkerInfo, running: object) -> None:
         """Leases the state gives this worker but that it no longer runs, with no result
@@ -231,8 +230,7 @@ class WorkerDesk:
             d.lease_settled(task_id, worker_id, ok)
             worker = d.workers.get(worker_id)
             if not ok and worker is not None:  # e.g. cancelled meanwhile: stop that run
-                self.server.send(worker.ident, p.pack({"v": p.VERSION, "t": p.KILL,
-                                                       "task_id": task_id, "attempt": number}))
+                self._send_kill(worker, task_id, number)
 
     def kill(self, task: sm.Task) -> None:
         d = self.server.dispatcher
@@ -241,9 +239,11 @@ class WorkerDesk:
             return
         worker = d.workers.get(current.worker)
         if worker is not None and worker.ident:
-            self.server.send(worker.ident, p.pack({"v": p.VERSION, "t": p.KILL,
-                                                   "task_id": task.id,
-                                                   "attempt": current.number}))
+            self._send_kill(worker, task.id, current.number)
+
+    def _send_kill(self, worker: WorkerInfo, task_id: str, attempt: int) -> None:
+        self.server.send(worker.ident, p.pack({"v": p.VERSION, "t": p.KILL,
+                                               "task_id": task_id, "attempt": attempt}))
 
     # ------------------------------------------------------------------ liveness
 

@@ -239,11 +239,7 @@ class SegmentedLog:
             self._fd = -1
 
     def _sync_dir(self) -> None:
-        fd = os.open(self._dir, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_dir(self._dir)
 
     # -------------------------------------------------------------- recovery
 
@@ -366,5 +362,14 @@ def _zero_fill(path: str, offset: int, length: int) -> None:
     try:
         os.pwrite(fd, bytes(length), offset)
         _fdatasync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(path: str) -> None:
+    """Make a directory's entries (created, renamed, deleted files) durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
     finally:
         os.close(fd)

@@ -28,8 +28,16 @@ from typing import Protocol
 import msgpack
 import zmq
 
-from .core import Config, NotLeader, ProposalRejected, Raft, Ready, bootstrap_snapshot
-from .messages import ConfChange, ConfChangeType, Entry, EntryType, MsgType, SnapshotMeta
+from .core import (
+    EARLY_SEND_TYPES,
+    Config,
+    NotLeader,
+    ProposalRejected,
+    Raft,
+    Ready,
+    bootstrap_snapshot,
+)
+from .messages import ConfChange, ConfChangeType, Entry, EntryType, SnapshotMeta
 from .progress import Role
 from .storage import DiskStorage
 from .transport import Transport
@@ -38,8 +46,6 @@ from .writer import StorageWriter
 log = logging.getLogger("dtask.raft.node")
 
 Callback = Callable[[object, Exception | None], None]
-EARLY_SEND = frozenset({MsgType.APPEND, MsgType.HEARTBEAT, MsgType.SNAPSHOT,
-                        MsgType.TIMEOUT_NOW})
 
 
 class StateMachine(Protocol):
@@ -209,13 +215,13 @@ class RaftNode:
             if self._writing is not None:
                 # A write is in flight (on_wake() continues from there); the leader's
                 # new appends go to the followers now, in parallel with it.
-                self.transport.send(self.raft.take_messages(EARLY_SEND))
+                self.transport.send(self.raft.take_messages(EARLY_SEND_TYPES))
                 return
             if not self.raft.has_ready():
                 return
             rd = self.raft.ready()
             # The leader's appends go out now, in parallel with its own write (§10.2.1).
-            self.transport.send([m for m in rd.messages if m.type in EARLY_SEND])
+            self.transport.send([m for m in rd.messages if m.type in EARLY_SEND_TYPES])
             if rd.hard_state is not None or rd.snapshot is not None or rd.entries:
                 self._writing = rd
                 self.writer.submit(lambda rd=rd: self._persist(rd))
@@ -270,7 +276,7 @@ class RaftNode:
     def _finish(self, rd: Ready) -> None:
         """Everything in `rd` that had to wait until its writes were durable."""
         self._note_addresses(rd.entries)
-        self.transport.send([m for m in rd.messages if m.type not in EARLY_SEND])
+        self.transport.send([m for m in rd.messages if m.type not in EARLY_SEND_TYPES])
         if rd.snapshot is not None:
             addresses, app = _unwrap(rd.snapshot.data)
             self.addresses.update(addresses)

@@ -26,7 +26,15 @@ from dataclasses import dataclass, field
 
 import msgpack
 
-from .core import Config, NotLeader, ProposalRejected, Raft, Ready, bootstrap_snapshot
+from .core import (
+    EARLY_SEND_TYPES,
+    Config,
+    NotLeader,
+    ProposalRejected,
+    Raft,
+    Ready,
+    bootstrap_snapshot,
+)
 from .kv import KVStore
 from .linearizability import Operation, check_kv
 from .messages import (
@@ -36,13 +44,11 @@ from .messages import (
     EntryType,
     HardState,
     Message,
-    MsgType,
     Snapshot,
 )
 from .progress import Role
 
 TICK_MS = 10
-EARLY = {MsgType.APPEND, MsgType.HEARTBEAT, MsgType.SNAPSHOT, MsgType.TIMEOUT_NOW}
 
 
 class Violation(Exception):
@@ -159,7 +165,7 @@ class SimNode:
         rd = self.raft.ready()
         self.sim.check_ready(self, rd)
         for m in rd.messages:
-            if m.type in EARLY:
+            if m.type in EARLY_SEND_TYPES:
                 self.sim.net_send(m)
         if self.sim.rng.random() < self.sim.faults.crash_in_ready:
             self.sim.trace(f"n{self.id} crashes before persisting its ready")
@@ -176,7 +182,7 @@ class SimNode:
         if rd.entries:
             self.disk.append(rd.entries)
         for m in rd.messages:
-            if m.type not in EARLY:
+            if m.type not in EARLY_SEND_TYPES:
                 self.sim.net_send(m)
         for e in rd.committed_entries:
             self._apply(e)

@@ -15,7 +15,7 @@ import zlib
 
 import msgpack
 
-from dtask.raft.log import CorruptLogError, SegmentedLog
+from dtask.raft.log import CorruptLogError, SegmentedLog, fsync_dir
 from dtask.raft.messages import ConfState, Entry, HardState, Snapshot, SnapshotMeta
 
 _FRAME = struct.Struct("<4sIQI")  # magic, meta length, data length, crc32(meta + data)
@@ -127,11 +127,7 @@ class DiskStorage:
         self._sync_dir()
 
     def _sync_dir(self) -> None:
-        fd = os.open(self._dir, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_dir(self._dir)
 
     # --------------------------------------------------------------- forked snapshots
 
