@@ -132,17 +132,58 @@ def _parse_scheduler_peers(text: str) -> dict[int, tuple[str, str]]:
 @click.option("--join", is_flag=True, help="Start empty and wait to be added.")
 @click.option("--worker-timeout", default=5.0, show_default=True,
               help="Seconds without a heartbeat before a worker's tasks are retried.")
+@click.option("--db", default="", metavar="DSN",
+              help="Where task history is persisted: postgresql://... or a SQLite file "
+              "(default: DATA_DIR/dtask.sqlite3). Every scheduler of a cluster must name "
+              "the same database.")
+@click.option("--retention", type=click.FloatRange(min=0), default=7 * 86400.0,
+              show_default=True,
+              help="Seconds finished tasks stay in the live state (then only in the database).")
 @click.option("--log-level", default="info", show_default=True)
 def scheduler(node_id: int, data_dir: str, raft_bind: str, client_bind: str, peers: str,
-              join: bool, worker_timeout: float, log_level: str) -> None:
+              join: bool, worker_timeout: float, db: str, retention: float,
+              log_level: str) -> None:
     """Run one scheduler daemon (a Raft member that dispatches when it leads)."""
     from .broker.server import SchedulerConfig, run
 
     _setup_logging(log_level)
     cfg = SchedulerConfig(node_id, data_dir, raft_bind, client_bind,
                           _parse_scheduler_peers(peers), join=join,
-                          worker_timeout=worker_timeout)
+                          worker_timeout=worker_timeout, db=db, retention=retention)
+    _check_db(cfg.db_dsn())
     _serve(f"scheduler {node_id}", lambda: run(cfg))
+
+
+def _check_db(dsn: str) -> None:
+    """Migrate at start, so a bad DSN or an old schema is one clear line, not a log
+    of retries. A database that is merely down does not stop the scheduler: the
+    persister catches up when it returns."""
+    from .persist.store import StoreUnavailable, open_store
+
+    try:
+        open_store(dsn).close()
+    except StoreUnavailable as exc:
+        logging.getLogger("dtask.cli").warning("event=persist_unavailable_at_start error=%s",
+                                               exc)
+
+
+@main.group()
+def db() -> None:
+    """The history database (PostgreSQL or SQLite)."""
+
+
+@db.command()
+@click.option("--db", "dsn", required=True, envvar="DTASK_SCHEDULER_DB", metavar="DSN",
+              help="postgresql://... or a SQLite file.")
+def migrate(dsn: str) -> None:
+    """Create or upgrade the schema (schedulers also do this when they start)."""
+    from .persist.store import open_store
+
+    store = open_store(dsn)
+    try:
+        click.echo(f"schema version {store.migrate()}")
+    finally:
+        store.close()
 
 
 def _csv(text: str) -> list[str]:

@@ -41,6 +41,7 @@ import msgpack
 import zmq
 
 from . import protocol as p
+from .cronclient import CronMixin
 
 __all__ = ["Client", "DTaskError", "TaskNotFound", "Conflict", "BadRequest", "TooLarge",
            "Unavailable"]
@@ -341,7 +342,7 @@ class _Request:
         self.last = _NOTHING_YET  # why the last attempt failed, for the error
 
 
-class Client:
+class Client(CronMixin):
     """A thread-safe client of a DTask cluster.
 
     endpoints: the schedulers' client endpoints, a list of "tcp://host:port" or one
@@ -608,6 +609,17 @@ class Client:
         returns the target. The transfer itself completes within an election timeout."""
         reply = self._call(p.TRANSFER_LEADER, {"to": int(to)}, p.TRANSFER_OK, _whole)
         return reply["to"]
+
+    def member_change(self, op: str, node_id: int, raft: str = "", client: str = "") -> dict:
+        """Change the scheduler membership, one step at a time: "add_learner" (with the
+        new node's raft and client endpoints), "promote" (once it caught up), "remove".
+        Returns {"voters": [...], "learners": [...]} after the change applied."""
+        if op not in p.MEMBER_OPS:
+            raise _bad(f"op must be one of {', '.join(p.MEMBER_OPS)}, got {op!r}")
+        body = {"op": op, "node_id": int(node_id)}
+        if op == "add_learner":
+            body.update(raft=normalise_endpoint(raft), client=normalise_endpoint(client))
+        return self._call(p.MEMBER_CHANGE, body, p.MEMBER_OK, _whole)
 
     def close(self) -> None:
         """Fail outstanding requests (code CLOSED), stop the I/O thread, close sockets."""

@@ -34,7 +34,9 @@ def node_command(node: DevNode, peers: list[DevNode]) -> list[str]:
     peer_arg = ",".join(f"{p.node_id}={p.raft}@{p.client}" for p in peers)
     return [sys.executable, "-m", "dtask", "scheduler", "--id", str(node.node_id),
             "--data-dir", node.data_dir, "--raft", node.raft, "--client", node.client,
-            "--peers", peer_arg]
+            "--peers", peer_arg,
+            # One history database for the cluster (only the leader writes it).
+            "--db", os.path.join(os.path.dirname(node.data_dir), "dtask.sqlite3")]
 
 
 def worker_command(worker_id: str, endpoints: str) -> list[str]:

@@ -69,6 +69,18 @@ VERSION = 1
 # client -> scheduler, for operators
 #   drain_worker  worker_id                        drain_ok   worker_id
 #   transfer_leader  to?: int (0: the most caught-up) transfer_ok to: int (leadership follows)
+#   member_change  op: add_learner|promote|remove, node_id: int, raft?: endpoint (add),
+#                  client?: endpoint (add)   member_ok  voters: [int], learners: [int]
+#                  (an added scheduler starts as a learner; promote it once caught up)
+# client -> scheduler, cron jobs (docs/cron.md)
+#   cron_define   job: {name, expr, tz, task: {task spec without delay/at_us/task_id/
+#                 idempotency_key}, misfire, overlap, grace_s, catchup_window_s,
+#                 max_catchup, paused}, create_only?: bool (true: CONFLICT if it exists)
+#                                                  cron_job   job: {job}, outcome: created|updated
+#   cron_list     stale?: bool                     cron_jobs  jobs: [{job}]
+#   cron_pause / cron_delete  name                 cron_job   job, outcome
+#   cron_resume   name, catch_up?: bool            cron_job   job, outcome
+#   cron_trigger  name                             cron_job   job, outcome, task_id
 
 # -- message types --------------------------------------------------------------
 # client -> scheduler, and the reply type for each
@@ -81,6 +93,11 @@ LOGS, LOG_CHUNKS = "logs", "log_chunks"
 CLUSTER, CLUSTER_INFO = "cluster", "cluster_info"
 DRAIN_WORKER, DRAIN_OK = "drain_worker", "drain_ok"
 TRANSFER_LEADER, TRANSFER_OK = "transfer_leader", "transfer_ok"
+CRON_DEFINE, CRON_LIST, CRON_PAUSE = "cron_define", "cron_list", "cron_pause"
+CRON_RESUME, CRON_DELETE, CRON_TRIGGER = "cron_resume", "cron_delete", "cron_trigger"
+CRON_JOB, CRON_JOBS = "cron_job", "cron_jobs"  # the replies
+MEMBER_CHANGE, MEMBER_OK = "member_change", "member_ok"
+MEMBER_OPS = ("add_learner", "promote", "remove")
 # worker -> scheduler
 REGISTER, REGISTERED = "register", "registered"
 HEARTBEAT, HEARTBEAT_ACK = "heartbeat", "heartbeat_ack"
@@ -94,7 +111,8 @@ DRAIN = "drain"  # stop taking tasks, finish the running ones, deregister, exit
 ERROR = "error"
 
 CLIENT_TYPES = frozenset({SUBMIT, STATUS, LIST, CANCEL, WAIT, LOGS, CLUSTER, DRAIN_WORKER,
-                          TRANSFER_LEADER})
+                          TRANSFER_LEADER, CRON_DEFINE, CRON_LIST, CRON_PAUSE, CRON_RESUME,
+                          CRON_DELETE, CRON_TRIGGER, MEMBER_CHANGE})
 WORKER_TYPES = frozenset({REGISTER, HEARTBEAT, RESULT, LOG, BYE})
 
 # -- error codes ------------------------------------------------------------------

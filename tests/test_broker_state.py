@@ -121,9 +121,58 @@ def test_purge_forgets_old_terminal_tasks_only(h):
     for tid, when in (("old", T0), ("new", T0 + 100)):
         h.lease(tid, now=when)
         h.result(tid, 1, p.SUCCEEDED, now=when)
+    # Not in the database yet: purging must keep every task.
+    assert h.do(sm.PURGE, [T0 + 50, 100]) == 0
+    h.do(sm.PERSISTED, [h.index])
     assert h.do(sm.PURGE, [T0 + 50, 100]) == 1
     assert set(h.s.tasks) == {"new", "live"}
     assert "k" not in h.s.by_key
+
+
+def test_dirty_lists_changes_in_index_order_until_persisted(h):
+    h.submit(wire("a"), wire("b"))
+    first = h.index
+    h.lease("a")
+    leased = h.index
+    # a moved to the end: its last change is the lease
+    assert list(h.s.dirty.items()) == [("b", (first, T0)), ("a", (leased, T0))]
+    h.do(sm.PERSISTED, [first])  # the database got the submission entry only
+    assert list(h.s.dirty) == ["a"]
+    assert h.s.persisted_index == first
+    h.do(sm.PERSISTED, [first - 1])  # an older watermark never moves it back
+    assert h.s.persisted_index == first and list(h.s.dirty) == ["a"]
+    lag = h.s.persist_lag(T0 + 2_500_000)
+    assert lag == {"pending_rows": 1, "persisted_index": first, "lag_s": 2.5}
+    h.do(sm.PERSISTED, [h.index])
+    assert not h.s.dirty and h.s.persist_lag(T0)["pending_rows"] == 0
+
+
+def test_resync_marks_every_live_task_dirty(h):
+    h.submit(wire("a"), wire("b"))
+    h.do(sm.PERSISTED, [h.index])
+    assert not h.s.dirty
+    assert h.do(sm.RESYNC, [["a", "b", "gone"], True]) == 3
+    assert set(h.s.dirty) == {"a", "b"}  # a purged id has no row to write
+
+
+def test_snapshot_keeps_dirty_and_watermark(h):
+    h.submit(wire("a"), wire("b"))
+    h.do(sm.PERSISTED, [h.index])
+    h.lease("a")
+    s2 = sm.TaskState()
+    s2.restore(h.s.snapshot())
+    assert s2.dirty == h.s.dirty and s2.persisted_index == h.s.persisted_index
+
+
+def test_restore_of_a_version_1_snapshot_marks_everything_dirty():
+    old = sm.TaskState()
+    old.apply(1, sm.command(sm.SUBMIT, T0, [[wire("a")]]))
+    import msgpack
+    v1 = msgpack.packb([old.seq, [t.to_wire()[:18] for t in old.tasks.values()]],
+                       use_bin_type=True)
+    s = sm.TaskState()
+    s.restore(v1)
+    assert set(s.tasks) == {"a"} and list(s.dirty) == ["a"] and s.persisted_index == 0
 
 
 def test_snapshot_restore_round_trip(h):

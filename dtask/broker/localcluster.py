@@ -27,6 +27,7 @@ class SchedulerCluster:
             for i in range(1, size + 1)}
         self.worker_timeout = worker_timeout
         self.extra_args = extra_args or []
+        self.db = os.path.join(root, "dtask.sqlite3")  # shared, as in `dtask dev`
         self.workers: list[subprocess.Popen] = []
 
     @property
@@ -43,14 +44,15 @@ class SchedulerCluster:
         self.workers.append(proc)
         return proc
 
-    def start(self, node_id: int) -> Member:
+    def start(self, node_id: int, join: bool = False) -> Member:
         m = self.members[node_id]
         os.makedirs(m.data_dir, exist_ok=True)
         peers = ",".join(f"{i}={x.raft}@{x.client}" for i, x in self.members.items())
         cmd = [sys.executable, "-m", "dtask", "scheduler", "--id", str(node_id),
                "--data-dir", m.data_dir, "--raft", m.raft, "--client", m.client,
                "--peers", peers, "--worker-timeout", str(self.worker_timeout),
-               *self.extra_args]
+               *(() if "--db" in self.extra_args else ("--db", self.db)), *self.extra_args,
+               *(("--join",) if join else ())]
         with open(m.log_path, "ab") as log:
             m.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
         return m

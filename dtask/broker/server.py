@@ -15,6 +15,7 @@ ROUTER that clients and workers both talk to. Each loop turn:
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 
@@ -23,12 +24,18 @@ import zmq
 
 from .. import protocol as p
 from ..gcpolicy import GCPolicy
+from ..persist.history import HistoryReader
+from ..persist.store import StoreUnavailable
+from ..persist.writer import Persister
 from ..raft.core import NotLeader, ProposalRejected
 from ..raft.daemon import NodeDaemon, run_daemon
+from ..raft.messages import ConfChangeType
 from ..raft.node import NodeConfig, RaftNode
 from ..raft.progress import Role
 from . import state as sm
+from .cronfire import CronDesk
 from .dispatch import Dispatcher
+from .persistence import PersistFeed
 from .workers import WorkerDesk
 
 log = logging.getLogger("dtask.broker.server")
@@ -49,6 +56,12 @@ class SchedulerConfig:
     max_payload: int = p.MAX_PAYLOAD
     snapshot_every: int = 20_000
     keep_entries: int = 2_000
+    # Where the persister mirrors tasks (dtask.persist.store.open_store): PostgreSQL
+    # for production, a SQLite file by default (shared by the nodes of `dtask dev`).
+    db: str = ""
+
+    def db_dsn(self) -> str:
+        return self.db or os.path.join(self.data_dir, "dtask.sqlite3")
 
 
 @dataclass(slots=True)
@@ -86,6 +99,20 @@ class SchedulerServer(NodeDaemon):
         self._purging = False
         self._id_seq = 0
         self.gc = GCPolicy()
+        dsn = cfg.db_dsn()
+        self.persister = Persister(dsn, self.ctx)
+        self.history = HistoryReader(dsn, self.ctx)
+        self.feed = PersistFeed(self, self.persister)
+        self.crondesk = CronDesk(self)
+        self.persister.start()
+        self.history.start()
+
+    def wake_sockets(self) -> list[zmq.Socket]:
+        return [self.persister.wake, self.history.wake]
+
+    def on_close(self) -> None:
+        self.persister.close()
+        self.history.close()
 
     # ------------------------------------------------------------------ loop
 
@@ -99,6 +126,7 @@ class SchedulerServer(NodeDaemon):
                          " ".join(f"{k}={v}" for k, v in self.dispatcher.stats().items()))
             self._flush_pending(now_us)
             self._housekeeping(now_us)
+            self.crondesk.fire_due(now_us)
             # Slots freed by results that just arrived get their next task now, before
             # this turn's fsync rather than after it.
             self.desk.dispatch(now_us)
@@ -111,15 +139,17 @@ class SchedulerServer(NodeDaemon):
                 break
             if self.node.is_leader:
                 self.desk.flush(now_us)
+        self.feed.step(now_us)
+        self.history.poll()
 
     def poll_timeout_ms(self) -> int:
         timeout = self.node.next_timeout_ms()
         if self.dispatcher is not None and self.dispatcher.rebuilding:
             return 0  # keep indexing between polls
         if self.dispatcher is not None:
-            due = self.dispatcher.next_due_us()
-            if due is not None:
-                timeout = min(timeout, max(0, (due - time.time_ns() // 1000) // 1000 + 1))
+            for due in (self.dispatcher.next_due_us(), self.crondesk.next_due_us()):
+                if due is not None:
+                    timeout = min(timeout, max(0, (due - time.time_ns() // 1000) // 1000 + 1))
         return min(timeout, 100)
 
     def on_requests(self) -> None:
@@ -162,7 +192,10 @@ class SchedulerServer(NodeDaemon):
     # ------------------------------------------------------------------ leadership
 
     def leader_endpoint(self) -> str:
-        return self.client_endpoints.get(self.node.leader, "")
+        return self.endpoint_of(self.node.leader)
+
+    def endpoint_of(self, node_id: int) -> str:
+        return self.client_endpoints.get(node_id) or self.state.endpoints.get(node_id, "")
 
     def not_leader(self, ident: bytes, rid: object) -> None:
         self.send(ident, p.error(rid, p.NOT_LEADER, "this scheduler is not the leader",
@@ -179,7 +212,10 @@ class SchedulerServer(NodeDaemon):
             self.dispatcher = Dispatcher(self.state, self.cfg.worker_timeout,
                                          self.cfg.lease_grace)
             self.dispatcher.start_rebuild()  # continued a slice per loop turn
+            self.feed.on_leader()
+            self.crondesk.on_leader()
         else:
+            self.crondesk.on_follower()
             self.dispatcher = None
             self._fail_waiters()
 
@@ -210,12 +246,39 @@ class SchedulerServer(NodeDaemon):
 
         def answer() -> None:
             task = self.state.get(task_id)
+            if task is not None:
+                self.send(ident, p.reply(p.TASK, rid, task=task.to_dict()))
+            else:  # purged after the retention window: the database has it
+                self._from_history(ident, rid, "get_task", (task_id,), found)
+
+        def found(task: dict | None) -> None:
             if task is None:
                 self.send(ident, p.error(rid, p.NOT_FOUND, f"no task {task_id}"))
             else:
-                self.send(ident, p.reply(p.TASK, rid, task=task.to_dict()))
+                self.send(ident, p.reply(p.TASK, rid, task=task))
 
         self._read(ident, rid, p.get_bool(msg, "stale"), answer)
+
+    def _from_history(self, ident: bytes, rid: object, kind: str, args: tuple,
+                      found) -> None:
+        """Ask the database (on the history thread); `found(result)` replies."""
+        def done(result: object, err: Exception | None) -> None:
+            if err is None:
+                found(result)
+            elif isinstance(err, StoreUnavailable):
+                self.send(ident, p.error(rid, p.UNAVAILABLE, f"not in the live state, and "
+                                         f"the history database is unavailable: {err}"))
+            else:
+                log.error("event=history_failed kind=%s error=%r", kind, err)
+                self.send(ident, p.error(rid, p.INTERNAL, f"history query failed: {err}"))
+
+        self._ask_history(kind, args, done)
+
+    def _ask_history(self, kind: str, args: tuple, done) -> None:
+        try:
+            self.history.request(kind, args, done)
+        except Exception as exc:  # e.g. too many reads waiting: answer at once
+            done(None, exc)
 
     def _list(self, ident: bytes, rid: object, msg: dict) -> None:
         statuses = p.get_str_list(msg, "status") or p.STATES
@@ -227,16 +290,51 @@ class SchedulerServer(NodeDaemon):
         limit = p.get_int(msg, "limit", 100, lo=1, hi=10_000)
         after = p.get_str(msg, "after", "", max_len=128)
 
+        old_statuses = [s for s in statuses if s in p.TERMINAL]
+
         def answer() -> None:
-            tasks, next_cursor = self._select(statuses, ttype, since_us, limit, after)
-            self.send(ident, p.reply(p.TASKS, rid, tasks=tasks, next=next_cursor))
+            task = self.state.get(after)
+            if task is not None or not after:
+                page(task.seq if task is not None else 0)
+            elif old_statuses:  # the previous page ended on a task purged since
+                self._from_history(ident, rid, "get_task", (after,),
+                                   lambda t: page(t["seq"] if t else 0))
+            else:
+                page(0)
+
+        def page(after_seq: int) -> None:
+            live = [t.to_dict(with_payload=False)
+                    for t in self._select(statuses, ttype, since_us, limit + 1, after_seq)]
+            if not old_statuses:
+                reply(live, False)
+                return
+            # Terminal tasks purged from the live state are in the database.
+            args = (old_statuses, ttype, since_us, after_seq, self._live_horizon_us(),
+                    limit + 1)
+
+            def merge(result: object, err: Exception | None) -> None:
+                if err is not None:
+                    log.warning("event=history_unavailable error=%s", err)
+                    reply(live, True)
+                    return
+                old = [t for t in result if t["id"] not in self.state.tasks]
+                reply(sorted(live + old, key=lambda t: t["seq"]), False)
+
+            self._ask_history("list_purged", args, merge)
+
+        def reply(tasks: list[dict], partial: bool) -> None:
+            more = len(tasks) > limit
+            tasks = tasks[:limit]
+            fields = {"tasks": tasks, "next": tasks[-1]["id"] if more else ""}
+            if partial:
+                fields["partial"] = True  # the history database did not answer
+            self.send(ident, p.reply(p.TASKS, rid, **fields))
 
         self._read(ident, rid, p.get_bool(msg, "stale"), answer)
 
     def _select(self, statuses, ttype: str, since_us: int, limit: int,
-                after: str) -> tuple[list[dict], str]:
-        """Tasks ordered by submission; `after` is the last id of the previous page."""
-        after_seq = self.state.tasks[after].seq if after in self.state.tasks else 0
+                after_seq: int) -> list[sm.Task]:
+        """Live tasks ordered by submission, after the given submission number."""
         found = []
         for status in statuses:
             for task_id in self.state.ids_with_status(status):
@@ -245,9 +343,14 @@ class SchedulerServer(NodeDaemon):
                                                                        or t.type == ttype):
                     found.append(t)
         found.sort(key=lambda t: t.seq)
-        page = found[:limit]
-        more = len(found) > limit
-        return [t.to_dict(with_payload=False) for t in page], page[-1].id if more else ""
+        return found[:limit]
+
+    def _live_horizon_us(self) -> int:
+        """Terminal tasks that finished before this are no longer all live: purging
+        goes in finishing order, so the oldest live one of each status marks it."""
+        oldest = [self.state.tasks[next(iter(ids))].finished_us
+                  for ids in map(self.state.ids_with_status, p.TERMINAL) if ids]
+        return min(oldest) if oldest else (1 << 62)
 
     def _cancel(self, ident: bytes, rid: object, msg: dict) -> None:
         task_id = p.task_id_of(msg)
@@ -275,8 +378,8 @@ class SchedulerServer(NodeDaemon):
 
         def answer() -> None:
             task = self.state.get(task_id)
-            if task is None:
-                self.send(ident, p.error(rid, p.NOT_FOUND, f"no task {task_id}"))
+            if task is None:  # purged after the retention window: the database has it
+                self._from_history(ident, rid, "get_task", (task_id,), old_task)
                 return
             if not task.attempts:
                 self.send(ident, p.reply(p.LOG_CHUNKS, rid, attempt=0, data=b"", offset=0,
@@ -296,13 +399,35 @@ class SchedulerServer(NodeDaemon):
                                      offset=offset,
                                      done=not live and offset + len(chunk) >= len(data)))
 
+        def old_task(task: dict | None) -> None:
+            if task is None:
+                self.send(ident, p.error(rid, p.NOT_FOUND, f"no task {task_id}"))
+                return
+            number_ = number or len(task["attempts"])
+            if number_ > len(task["attempts"]):
+                self.send(ident, p.error(rid, p.NOT_FOUND, f"task {task_id} has no attempt "
+                                         f"{number_}"))
+            elif number_ == 0:
+                self.send(ident, p.reply(p.LOG_CHUNKS, rid, attempt=0, data=b"", offset=0,
+                                         done=True))
+            else:
+                self._from_history(ident, rid, "get_log", (task_id, number_),
+                                   lambda data: old_log(number_, data or b""))
+
+        def old_log(number_: int, data: bytes) -> None:
+            chunk = data[offset:offset + (1 << 20)]
+            self.send(ident, p.reply(p.LOG_CHUNKS, rid, attempt=number_, data=chunk,
+                                     offset=offset, done=offset + len(chunk) >= len(data)))
+
         self._read(ident, rid, p.get_bool(msg, "stale"), answer)
 
     def _cluster(self, ident: bytes, rid: object, msg: dict) -> None:
         st = self.node.status()
-        st["endpoint"] = self.client_endpoints.get(self.cfg.node_id, self.cfg.client_bind)
+        st["endpoint"] = self.endpoint_of(self.cfg.node_id) or self.cfg.client_bind
         st["tasks"] = {s: len(self.state.ids_with_status(s)) for s in p.STATES}
         st["bad_requests"] = self.counters["bad_requests"]
+        st["persist"] = self.feed.stats()
+        st["cron_jobs"] = len(self.state.cron.jobs)
         fields = {"node": st, "leader": self.leader_endpoint()}
         if self.dispatcher is not None:
             st["dispatch"] = self.dispatcher.stats()
@@ -342,6 +467,42 @@ class SchedulerServer(NodeDaemon):
         log.info("event=transfer_leader to=%d requested=1", target)
         self.send(ident, p.reply(p.TRANSFER_OK, rid, to=target))
 
+    def _member_change(self, ident: bytes, rid: object, msg: dict) -> None:
+        """Add a scheduler (as a learner, then promote it once caught up) or remove one.
+        One change at a time, each through the log (docs/operations.md)."""
+        op = p.get_str(msg, "op")
+        if op not in p.MEMBER_OPS:
+            raise p.ProtocolError(p.BAD_REQUEST, f"op must be one of {', '.join(p.MEMBER_OPS)}")
+        node_id = p.get_int(msg, "node_id", lo=1, hi=1 << 62)
+        raft = client = ""
+        if op == "add_learner":
+            raft, client = p.get_str(msg, "raft"), p.get_str(msg, "client")
+            if not (raft.startswith("tcp://") and client.startswith("tcp://")):
+                raise p.ProtocolError(p.BAD_REQUEST, "add_learner needs raft and client "
+                                      "endpoints, tcp://HOST:PORT")
+        if not self.require_leader(ident, rid):
+            return
+        kind = {"add_learner": ConfChangeType.ADD_LEARNER,
+                "promote": ConfChangeType.PROMOTE, "remove": ConfChangeType.REMOVE}[op]
+
+        def changed(_: object, err: Exception | None) -> None:
+            if isinstance(err, ProposalRejected):
+                self.send(ident, p.error(rid, p.CONFLICT, str(err)))
+            elif err is not None:
+                self._write_failed(ident, rid, err)
+            else:
+                conf = self.node.raft.conf
+                log.info("event=member_change op=%s node=%d", op, node_id)
+                self.send(ident, p.reply(p.MEMBER_OK, rid, voters=sorted(conf.voters),
+                                         learners=sorted(conf.learners)))
+
+        if op == "add_learner":
+            self.propose(sm.NODE_ENDPOINT, time.time_ns() // 1000, [node_id, client],
+                         lambda _, err: changed(None, err) if err else
+                         self.node.change_membership(kind, node_id, raft, changed))
+        else:
+            self.node.change_membership(kind, node_id, "", changed)
+
     def _read(self, ident: bytes, rid: object, stale: bool, answer) -> None:
         """Linearizable by default (ReadIndex on the leader); stale reads on any node."""
         if stale:
@@ -361,7 +522,12 @@ class SchedulerServer(NodeDaemon):
     _CLIENT_HANDLERS = {p.SUBMIT: _submit, p.STATUS: _status, p.LIST: _list,
                         p.CANCEL: _cancel, p.WAIT: _wait, p.LOGS: _logs,
                         p.CLUSTER: _cluster, p.DRAIN_WORKER: _drain_worker,
-                        p.TRANSFER_LEADER: _transfer_leader}
+                        p.TRANSFER_LEADER: _transfer_leader, p.MEMBER_CHANGE: _member_change,
+                        p.CRON_DEFINE: lambda self, i, r, m: self.crondesk.define(i, r, m),
+                        p.CRON_LIST: lambda self, i, r, m: self.crondesk.list(i, r, m),
+                        **dict.fromkeys((p.CRON_PAUSE, p.CRON_RESUME, p.CRON_DELETE,
+                                         p.CRON_TRIGGER),
+                                        lambda self, i, r, m: self.crondesk.change(i, r, m))}
 
     # ------------------------------------------------------------------ proposals
 
@@ -415,8 +581,14 @@ class SchedulerServer(NodeDaemon):
 
     def _after_apply(self, now_us: int) -> None:
         changed, self.state.changed = self.state.changed, []
+        kills, self.state.kills = self.state.kills, []
+        self.crondesk.after_apply()
         if self.dispatcher is None or not self.node.is_leader:
             return
+        for task_id in kills:  # cron `replace`: the previous run is cancelled
+            task = self.state.get(task_id)
+            if task is not None and task.status == p.RUNNING:
+                self.desk.kill(task)
         for task_id in dict.fromkeys(changed):
             self.dispatcher.sync(task_id)
             if task_id in self.waiters:

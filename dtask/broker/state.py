@@ -8,20 +8,35 @@ submission (or lease, or result) of one leader loop turn.
 
 After each apply, `changed` lists the task ids whose state moved, so the leader's
 dispatcher can update its queues without rescanning.
+
+`dirty` is the write-behind persister's to-do list, and it is replicated state too:
+every task (and cron job) whose row differs from the database, in the order of the
+Raft index of its last change. The leader's persister writes a prefix of it, then
+proposes PERSISTED with the index that prefix reached; applying that drops the prefix
+on every replica. Because the list lives in the state (and its snapshot), a new leader
+resumes exactly where the old one stopped, however long the database was down, and
+purging never forgets a task the database has not got yet.
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import msgpack
 
 from .. import protocol as p
 from ..protocol import RetryPolicy
+from .cronstate import CRON_HANDLERS, CronTable
 
 # Command kinds (first element of every command).
 SUBMIT, LEASE, RESULT = "submit", "lease", "result"
 CANCEL, EXPIRE, PURGE = "cancel", "expire", "purge"
+PERSISTED, RESYNC = "persisted", "resync"
+NODE_ENDPOINT = "node_endpoint"  # the client endpoint of a scheduler added later
+
+CRON_KEY = "cron "  # prefix of cron jobs' keys in `dirty` (a space never starts a task id)
+SNAPSHOT_VERSION = 2
 
 
 @dataclass(slots=True)
@@ -70,6 +85,7 @@ class Task:
     attempts: list[Attempt] | tuple = ()
     finished_us: int = 0
     cancel_requested: bool = False
+    cron_job: str = ""  # the cron job that created it
 
     @property
     def attempt(self) -> int:
@@ -82,22 +98,24 @@ class Task:
         return [self.id, self.name, self.type, self.payload, self.content_type, self.priority,
                 self.queue, list(self.labels), self.timeout, self.retry.to_wire(),
                 self.idempotency_key, self.created_us, self.seq, self.status, self.run_at_us,
-                [a.to_wire() for a in self.attempts], self.finished_us, self.cancel_requested]
+                [a.to_wire() for a in self.attempts], self.finished_us, self.cancel_requested,
+                self.cron_job]
 
     @classmethod
     def from_wire(cls, w: list) -> Task:
         return cls(w[0], w[1], w[2], w[3], w[4], w[5], w[6], tuple(w[7]), w[8],
                    _policy(w[9]), w[10], w[11], w[12], w[13], w[14],
-                   [Attempt(*a) for a in w[15]] if w[15] else (), w[16], w[17])
+                   [Attempt(*a) for a in w[15]] if w[15] else (), w[16], w[17],
+                   w[18] if len(w) > 18 else "")
 
     def to_dict(self, with_payload: bool = True) -> dict:
         out = {"id": self.id, "name": self.name, "type": self.type,
                "content_type": self.content_type, "priority": self.priority,
                "queue": self.queue, "labels": list(self.labels), "timeout": self.timeout,
                "max_retries": self.retry.max_retries, "idempotency_key": self.idempotency_key,
-               "created_us": self.created_us, "status": self.status,
+               "created_us": self.created_us, "seq": self.seq, "status": self.status,
                "run_at_us": self.run_at_us, "finished_us": self.finished_us,
-               "cancel_requested": self.cancel_requested,
+               "cancel_requested": self.cancel_requested, "cron_job": self.cron_job,
                "attempts": [a.to_dict() for a in self.attempts]}
         if with_payload:
             out["payload"] = self.payload
@@ -111,6 +129,16 @@ class TaskState:
         self.by_status: dict[str, dict[str, None]] = {s: {} for s in p.STATES}
         self.seq = 0
         self.changed: list[str] = []
+        self.cron = CronTable(self)
+        # key -> (index, now_us) of its last change, oldest first; one shared tuple per
+        # applied entry, so a million dirty tasks cost a pointer each, not a tuple each.
+        self.dirty: OrderedDict[str, tuple[int, int]] = OrderedDict()
+        self.persisted_index = 0  # everything changed at or before it is in the database
+        self.kills: list[str] = []  # running tasks the leader must kill (cron `replace`)
+        # Client endpoints of schedulers added after the founding (founders' come from
+        # the configuration): how NOT_LEADER replies point clients at them.
+        self.endpoints: dict[int, str] = {}
+        self.now_us = 0  # the applying command's time, for handlers' helpers
 
     # ------------------------------------------------------------------ state machine
 
@@ -119,19 +147,44 @@ class TaskState:
         handler = _HANDLERS.get(kind)
         if handler is None:
             raise ValueError(f"unknown command {kind!r}")
-        return handler(self, now_us, body)
+        self.now_us = now_us
+        tasks_before, cron_before = len(self.changed), len(self.cron.changed)
+        result = handler(self, now_us, body)
+        if len(self.changed) > tasks_before or len(self.cron.changed) > cron_before:
+            self._mark_dirty((index, now_us), self.changed[tasks_before:],
+                             [CRON_KEY + n for n in self.cron.changed[cron_before:]])
+        return result
 
     def snapshot(self) -> bytes:
-        return msgpack.packb([self.seq, [t.to_wire() for t in self.tasks.values()]],
-                             use_bin_type=True)
+        return msgpack.packb(
+            [SNAPSHOT_VERSION, self.seq, [t.to_wire() for t in self.tasks.values()],
+             self.cron.to_wire(), self.persisted_index,
+             [[key, index, us] for key, (index, us) in self.dirty.items()],
+             list(self.endpoints.items())],
+            use_bin_type=True)
 
     def restore(self, data: bytes) -> None:
         self.__init__()
         if not data:
             return
-        self.seq, wires = msgpack.unpackb(data, raw=False)
+        fields = msgpack.unpackb(data, raw=False)
+        if len(fields) == 2:  # before version 2: tasks only, none persisted
+            self.seq, wires = fields
+            cron_wire, persisted, dirty, endpoints = [], 0, None, []
+        else:
+            _, self.seq, wires, cron_wire, persisted, dirty, endpoints = fields
+        self.endpoints = dict(endpoints)
         for w in wires:
             self._add(Task.from_wire(w))
+        self.cron.restore(cron_wire)
+        self.changed, self.cron.changed = [], []
+        self.persisted_index = persisted
+        if dirty is None:
+            self.dirty = OrderedDict((tid, (0, 0)) for tid in self.tasks)
+            return
+        shared: dict[int, tuple[int, int]] = {}
+        for key, index, us in dirty:
+            self.dirty[key] = shared.setdefault(index, (index, us))
 
     # ------------------------------------------------------------------ queries
 
@@ -140,6 +193,12 @@ class TaskState:
 
     def ids_with_status(self, status: str) -> dict[str, None]:
         return self.by_status[status]
+
+    def persist_lag(self, now_us: int) -> dict:
+        """How far the database is behind: rows to write and the age of the oldest."""
+        oldest = next(iter(self.dirty.values()), None)
+        return {"pending_rows": len(self.dirty), "persisted_index": self.persisted_index,
+                "lag_s": round(max(0, now_us - oldest[1]) / 1e6, 3) if oldest else 0.0}
 
     # ------------------------------------------------------------------ commands
 
@@ -157,15 +216,22 @@ class TaskState:
                 if existing is not None:
                     results.append([existing, True])
                     continue
-                self.seq += 1
-                status = p.SCHEDULED if run_at > now_us else p.PENDING
-                task = Task(task_id, name, ttype, payload, ctype, prio, queue,
-                            tuple(sorted(labels)),
-                            timeout, _policy(retry), key, now_us, self.seq, status, run_at)
-                self._add(task)
+                self.create(task_id, name, ttype, payload, ctype, prio, queue, labels,
+                            timeout, retry, key, run_at)
                 results.append([task_id, False])
             out.append(results)
         return out
+
+    def create(self, task_id: str, name: str, ttype: str, payload: bytes, ctype: str,
+               prio: int, queue: str, labels: list, timeout: float, retry: list, key: str,
+               run_at: int, cron_job: str = "") -> Task:
+        self.seq += 1
+        status = p.SCHEDULED if run_at > self.now_us else p.PENDING
+        task = Task(task_id, name, ttype, payload, ctype, prio, queue, tuple(sorted(labels)),
+                    timeout, _policy(retry), key, self.now_us, self.seq, status, run_at,
+                    cron_job=cron_job)
+        self._add(task)
+        return task
 
     def _lease(self, now_us: int, leases: list) -> list[bool]:
         granted = []
@@ -222,20 +288,20 @@ class TaskState:
         out = []
         for task_id in task_ids:
             task = self.tasks.get(task_id)
-            if task is None:
-                out.append("not_found")
-            elif task.status in p.TERMINAL:
-                out.append(task.status)
-            elif task.status == p.RUNNING:
-                task.cancel_requested = True  # the leader tells the worker to kill it
-                self.changed.append(task.id)
-                out.append(p.RUNNING)
-            else:
-                task.cancel_requested = True
-                task.finished_us = now_us
-                self._set_status(task, p.CANCELLED)
-                out.append(p.CANCELLED)
+            out.append("not_found" if task is None else self.cancel_task(task))
         return out
+
+    def cancel_task(self, task: Task) -> str:
+        """Cancel one task; its status afterwards (RUNNING: the leader must kill it)."""
+        if task.status in p.TERMINAL:
+            return task.status
+        task.cancel_requested = True
+        if task.status == p.RUNNING:
+            self.changed.append(task.id)  # the leader tells the worker to kill it
+        else:
+            task.finished_us = self.now_us
+            self._set_status(task, p.CANCELLED)
+        return task.status
 
     def _purge(self, now_us: int, body: list) -> int:
         """Forget terminal tasks that finished before the cutoff (retention window)."""
@@ -243,7 +309,7 @@ class TaskState:
         doomed = []
         for status in p.TERMINAL:
             for task_id in self.by_status[status]:
-                if self.tasks[task_id].finished_us < cutoff_us:
+                if self.tasks[task_id].finished_us < cutoff_us and task_id not in self.dirty:
                     doomed.append(task_id)
                     if len(doomed) >= limit:
                         break
@@ -254,7 +320,45 @@ class TaskState:
                 del self.by_key[task.idempotency_key]
         return len(doomed[:limit])
 
+    def _persisted(self, now_us: int, body: list) -> int:
+        """The database holds every change up to `index`: drop that prefix of `dirty`."""
+        index = body[0]
+        self.persisted_index = max(self.persisted_index, index)
+        dropped = 0
+        while self.dirty:
+            key, (changed_at, _) = next(iter(self.dirty.items()))
+            if changed_at > self.persisted_index:
+                break
+            self.dirty.popitem(last=False)
+            dropped += 1
+        return dropped
+
+    def _resync(self, now_us: int, body: list) -> int:
+        """The database lost what we thought it had (wiped, restored from a backup,
+        another database): mark these tasks (and maybe every cron job) as changed, so
+        they are written again. The leader sends every live task id, in slices."""
+        task_ids, with_cron = body
+        self.changed.extend(t for t in task_ids if t in self.tasks)
+        if with_cron:
+            self.cron.changed.extend(self.cron.jobs)
+        return len(task_ids) + (len(self.cron.jobs) if with_cron else 0)
+
+    def _node_endpoint(self, now_us: int, body: list) -> None:
+        node_id, endpoint = body
+        self.endpoints[node_id] = endpoint
+
     # ------------------------------------------------------------------ helpers
+
+    def _mark_dirty(self, stamp: tuple[int, int], task_ids: list[str],
+                    cron_keys: list[str]) -> None:
+        dirty = self.dirty
+        for key in task_ids:
+            if key in self.tasks:  # a purged task has no row to write
+                dirty[key] = stamp
+                dirty.move_to_end(key)
+        for key in cron_keys:
+            dirty[key] = stamp
+            dirty.move_to_end(key)
 
     def _end_attempt(self, task: Task, attempt: Attempt, outcome: str, finished_us: int,
                      retry_at_us: int) -> None:
@@ -285,6 +389,8 @@ class TaskState:
         task.status = status
         self.by_status[status][task.id] = None
         self.changed.append(task.id)
+        if task.cron_job and status in p.TERMINAL:
+            self.cron.task_ended(task)  # its job may have a queued tick to start
 
 
 _HANDLERS = {
@@ -294,6 +400,10 @@ _HANDLERS = {
     EXPIRE: TaskState._expire,
     CANCEL: TaskState._cancel,
     PURGE: TaskState._purge,
+    PERSISTED: TaskState._persisted,
+    RESYNC: TaskState._resync,
+    NODE_ENDPOINT: TaskState._node_endpoint,
+    **CRON_HANDLERS,
 }
 
 

@@ -93,14 +93,16 @@ class WorkerDesk:
                 ",".join(sorted(info.queues)))
 
     def _reconcile(self, worker: WorkerInfo, running: list) -> None:
-        """Kill attempts a worker runs that the state no longer gives it."""
+        """Kill attempts a worker runs that the state no longer gives it, or that were
+        cancelled (again: the kill may have been lost with the leader that sent it)."""
         for item in running:
             if not (isinstance(item, list) and len(item) == 2):
                 continue
             task = self.server.state.get(item[0]) if isinstance(item[0], str) else None
             current = task.current() if task is not None else None
             if (task is None or task.status != p.RUNNING or current is None
-                    or current.number != item[1] or current.worker != worker.id):
+                    or current.number != item[1] or current.worker != worker.id
+                    or task.cancel_requested):
                 self._send_kill(worker, item[0], item[1])
 
     def _check_running(self, worker: WorkerInfo, running: object) -> None:

@@ -4,7 +4,7 @@
 command modules registers their commands on it.
 """
 
-from . import cluster, tasks  # noqa: F401  (registers the commands)
+from . import cluster, cron, tasks  # noqa: F401  (registers the commands)
 from .app import main
 
 __all__ = ["main"]

@@ -39,7 +39,8 @@ class NodeView:
                 "pid": n.get("pid"),
                 "leader": (self.reply or {}).get("leader") or None,
                 "advertised_endpoint": n.get("endpoint"),
-                "tasks": n.get("tasks"), "error": self.error or None}
+                "tasks": n.get("tasks"), "persist": n.get("persist"),
+                "error": self.error or None}
 
 
 def query_nodes(endpoints: list[str], timeout: float) -> list[NodeView]:
@@ -137,11 +138,13 @@ def cluster_status(node_timeout: float) -> int:
     for v in views:
         n = v.node
         if v.reply is None:
-            rows.append(["-", v.endpoint, "unreachable", "-", "-", "-", "-"])
+            rows.append(["-", v.endpoint, "unreachable", "-", "-", "-", "-", "-"])
         else:
             rows.append([n.get("id", "-"), v.endpoint, v.role, n.get("term", "-"),
-                         n.get("commit", "-"), n.get("applied", "-"), n.get("pid", "-")])
-    click.echo(out.table(["ID", "ENDPOINT", "ROLE", "TERM", "COMMIT", "APPLIED", "PID"], rows))
+                         n.get("commit", "-"), n.get("applied", "-"), n.get("pid", "-"),
+                         _db_lag(n.get("persist"))])
+    click.echo(out.table(["ID", "ENDPOINT", "ROLE", "TERM", "COMMIT", "APPLIED", "PID",
+                          "DB LAG"], rows))
     for v in views:
         if v.reply is None:
             click.echo(f"unreachable: {v.endpoint} ({v.error})")
@@ -152,6 +155,16 @@ def cluster_status(node_timeout: float) -> int:
     else:
         click.echo("leader: none (an election may be in progress)")
     return OK
+
+
+def _db_lag(persist: object) -> str:
+    """How far the history database is behind: rows not yet written, and their age."""
+    if not isinstance(persist, dict):
+        return "-"
+    rows, lag = persist.get("pending_rows", 0), persist.get("lag_s", 0.0)
+    text = "0" if not rows else f"{rows} rows, {out.span(lag)}"
+    state = persist.get("state")
+    return text if state in (None, "ok") else f"{text} (db {state})"
 
 
 @main.command()
@@ -217,4 +230,60 @@ def transfer_leader(node_id: int) -> int:
         out.dump({"to": target})
     else:
         click.echo(f"leadership is moving to node {target}")
+    return OK
+
+
+@cluster.command("add-node")
+@click.argument("node_id", type=click.IntRange(min=1))
+@click.option("--raft", required=True, metavar="ENDPOINT", help="Its Raft endpoint.")
+@click.option("--client", "client_ep", required=True, metavar="ENDPOINT",
+              help="Its client endpoint.")
+@click.option("--learner", is_flag=True, help="Leave it a learner (no vote).")
+@click.option("--catch-up-timeout", type=Duration(), default=120.0, show_default=True,
+              help="How long to wait for it to catch up before promoting it.")
+@common
+def add_node(node_id: int, raft: str, client_ep: str, learner: bool,
+             catch_up_timeout: float) -> int:
+    """Add scheduler NODE_ID (started with `dtask scheduler --join`): first as a learner
+    that receives the log, then, once it has caught up, as a voter."""
+    client = settings().client()
+    conf = client.member_change("add_learner", node_id, raft, client_ep)
+    if not learner:
+        deadline = time.monotonic() + catch_up_timeout
+        with out.Spinner(f"node {node_id} is catching up"):
+            while not _caught_up(node_id):
+                if time.monotonic() > deadline:
+                    raise CtlError(f"node {node_id} did not catch up within "
+                                   f"{catch_up_timeout:g}s; it stays a learner (promote it "
+                                   "later by running this command again)", ERROR)
+                time.sleep(0.2)
+        conf = client.member_change("promote", node_id)
+    if settings().json:
+        out.dump(conf)
+    else:
+        click.echo(f"node {node_id} is a {'learner' if learner else 'voter'}; voters "
+                   f"{conf['voters']}, learners {conf['learners'] or '-'}")
+    return OK
+
+
+def _caught_up(node_id: int) -> bool:
+    """The leader says the node's log matches up to its commit index."""
+    leader = leader_of(query_nodes(settings().endpoint_list(), 1.0))
+    if leader is None:
+        return False
+    progress = leader.node.get("progress", {}).get(str(node_id))
+    return bool(progress) and progress.get("match", 0) >= leader.node.get("commit", 1)
+
+
+@cluster.command("remove-node")
+@click.argument("node_id", type=click.IntRange(min=1))
+@common
+def remove_node(node_id: int) -> int:
+    """Remove scheduler NODE_ID from the cluster (stop its process afterwards). Never
+    reuse its id; a replacement gets a new one."""
+    conf = settings().client().member_change("remove", node_id)
+    if settings().json:
+        out.dump(conf)
+    else:
+        click.echo(f"node {node_id} removed; voters {conf['voters']}")
     return OK

@@ -38,6 +38,13 @@ class NodeDaemon:
     def poll_timeout_ms(self) -> int:
         return self.node.next_timeout_ms()
 
+    def wake_sockets(self) -> list[zmq.Socket]:
+        """Sockets helper threads signal to wake the loop; `turn` drains them."""
+        return []
+
+    def on_close(self) -> None:
+        """The loop ended: stop helper threads."""
+
     # -- the loop -----------------------------------------------------------------
 
     def serve_forever(self) -> None:
@@ -45,6 +52,8 @@ class NodeDaemon:
         poller.register(self.node.socket, zmq.POLLIN)
         poller.register(self.node.wake_socket, zmq.POLLIN)
         poller.register(self.sock, zmq.POLLIN)
+        for wake in self.wake_sockets():
+            poller.register(wake, zmq.POLLIN)
         watchdog = sdnotify.Watchdog()
         sdnotify.ready()  # systemd Type=notify: serving from here on
         try:
@@ -62,6 +71,7 @@ class NodeDaemon:
                 if self.stopping_since:
                     self._continue_stop()
         finally:
+            self.on_close()
             self.node.close()
             self.sock.close(0)
 

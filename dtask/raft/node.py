@@ -156,6 +156,10 @@ class RaftNode:
                 callback(None, None)
             return
         cc = ConfChange(kind, node_id, address.encode())
+        if address:
+            # Known before the change takes effect (on append, possibly within this
+            # call), so the leader can reach the new member at once.
+            self.addresses[node_id] = address
         try:
             term, index = self.raft.propose_conf_change(cc)
         except (NotLeader, ProposalRejected) as exc:
