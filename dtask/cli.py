@@ -177,9 +177,12 @@ def db() -> None:
               help="postgresql://... or a SQLite file.")
 def migrate(dsn: str) -> None:
     """Create or upgrade the schema (schedulers also do this when they start)."""
-    from .persist.store import open_store
+    from .persist.store import StoreUnavailable, open_store
 
-    store = open_store(dsn)
+    try:
+        store = open_store(dsn)
+    except (StoreUnavailable, ValueError) as exc:
+        raise click.ClickException(str(exc)) from None
     try:
         click.echo(f"schema version {store.migrate()}")
     finally:

@@ -618,8 +618,12 @@ class Client(CronMixin):
             raise _bad(f"op must be one of {', '.join(p.MEMBER_OPS)}, got {op!r}")
         body = {"op": op, "node_id": int(node_id)}
         if op == "add_learner":
+            for name, value in (("raft", raft), ("client", client)):
+                if not p.is_endpoint(normalise_endpoint(value)):
+                    raise _bad(f"{name} endpoint must be tcp://HOST:PORT, got {value!r}")
             body.update(raft=normalise_endpoint(raft), client=normalise_endpoint(client))
-        return self._call(p.MEMBER_CHANGE, body, p.MEMBER_OK, _whole)
+        return self._call(p.MEMBER_CHANGE, body, p.MEMBER_OK,
+                          lambda msg: {"voters": msg["voters"], "learners": msg["learners"]})
 
     def close(self) -> None:
         """Fail outstanding requests (code CLOSED), stop the I/O thread, close sockets."""

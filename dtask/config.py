@@ -20,14 +20,14 @@ is an error at start, not silently ignored. Example for `dtask scheduler`:
 from __future__ import annotations
 
 import os
-import re
 import tomllib
 from collections.abc import Callable
 
 import click
 
+from .protocol import is_endpoint
+
 ENV_PREFIX = "DTASK"
-_ENDPOINT = re.compile(r"^tcp://[^:/\s]+:(\d{1,5})$")
 
 
 def config_option(fn: Callable) -> Callable:
@@ -74,8 +74,7 @@ def endpoint(ctx: click.Context, param: click.Parameter, value: str | None) -> s
     """Check a tcp://HOST:PORT address at start instead of failing inside ZeroMQ."""
     if value is None:
         return value
-    m = _ENDPOINT.match(value.strip())
-    if not m or not 0 < int(m.group(1)) < 65536:
+    if not is_endpoint(value.strip()):
         raise click.BadParameter(f"{value!r} is not tcp://HOST:PORT", ctx, param)
     return value.strip()
 

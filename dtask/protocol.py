@@ -150,6 +150,15 @@ _IDENT = re.compile(r"^[A-Za-z0-9_.:@/+-]{1,128}$")
 ASSIGNED_ID = re.compile(r"^[0-9a-f]+\.[0-9]+\.[0-9a-f]+$")
 
 
+_ENDPOINT = re.compile(r"^tcp://[^:/\s]+:(\d{1,5})$")
+
+
+def is_endpoint(value: object) -> bool:
+    """A tcp://HOST:PORT address ZeroMQ can connect to (checked before it has to)."""
+    m = _ENDPOINT.match(value) if isinstance(value, str) else None
+    return m is not None and 0 < int(m.group(1)) < 65536
+
+
 class ProtocolError(Exception):
     """A request we refuse, with the error code to reply with."""
 

@@ -477,7 +477,7 @@ class SchedulerServer(NodeDaemon):
         raft = client = ""
         if op == "add_learner":
             raft, client = p.get_str(msg, "raft"), p.get_str(msg, "client")
-            if not (raft.startswith("tcp://") and client.startswith("tcp://")):
+            if not (p.is_endpoint(raft) and p.is_endpoint(client)):
                 raise p.ProtocolError(p.BAD_REQUEST, "add_learner needs raft and client "
                                       "endpoints, tcp://HOST:PORT")
         if not self.require_leader(ident, rid):

@@ -58,7 +58,15 @@ class Transport:
             sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
             sock.setsockopt(zmq.HEARTBEAT_IVL, 1000)  # notice dead TCP connections
             sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 3000)
-            sock.connect(addr)
+            try:
+                sock.connect(addr)
+            except zmq.ZMQError as exc:
+                # A bad address that reached the log must not stop every node that
+                # reads it; the member stays unreachable until it is removed.
+                log.error("event=peer_address_invalid peer=%d address=%r error=%s",
+                          node_id, addr, exc)
+                sock.close(0)
+                continue
             self.dealers[node_id] = sock
             self.addresses[node_id] = addr
 
