@@ -21,7 +21,6 @@ import psycopg
 
 from dtask.raft.localcluster import free_ports
 
-
 PG = os.environ.get("DTASK_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
 
 

@@ -7,12 +7,14 @@ status and the same attempts — nothing missing, nothing stale.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
 import tempfile
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -154,7 +156,7 @@ def test_database_outage_mid_workload_loses_nothing(tmp_path):
             pg.start()
             wait_persisted(cluster, timeout=60)
             assert_database_agrees(client, pg.dsn, before + during + after)
-        node_log = "".join(open(m.log_path).read() for m in cluster.members.values())
+        node_log = "".join(Path(m.log_path).read_text() for m in cluster.members.values())
         # Logged once per state change, not per retry or row.
         assert 1 <= node_log.count("event=persist_down") <= 4
     finally:
@@ -172,11 +174,9 @@ def test_leader_sigkill_while_persisting_leaves_no_gap_or_duplicate(tmp_path, db
 
             def feed() -> None:
                 while not stop.is_set():
-                    try:
+                    with contextlib.suppress(Unavailable):
                         ids.extend(client.submit_many([{"type": "shell",
                                                         "payload": {"cmd": "true"}}] * 50))
-                    except Unavailable:
-                        pass
 
             t = threading.Thread(target=feed)
             t.start()

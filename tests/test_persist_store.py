@@ -84,7 +84,8 @@ def make_task(n: int, *, status=p.PENDING, attempts=0, ttype="shell", created_us
         if not task.attempts:
             task.attempts = []
         task.attempts.append(Attempt(a, f"worker-{a}", T0 + a, T0 + a + 100, T0 + a + 50,
-                                     p.ERRORED, a, f"failed {a}", b"\x91\xa1x", b"log \xff\xfe%d" % a))
+                                     p.ERRORED, a, f"failed {a}", b"\x91\xa1x",
+                                     b"log \xff\xfe%d" % a))
     return task
 
 

@@ -7,6 +7,7 @@ ones, exactly what the persister sees when the server goes away.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
 import sqlite3
@@ -47,14 +48,16 @@ class Proxy:
         threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
 
     def stop(self) -> None:
+        # shutdown wakes the thread blocked in accept(); close alone would leave the
+        # kernel socket listening until that accept() returned.
+        with contextlib.suppress(OSError):
+            self._listener.shutdown(socket.SHUT_RDWR)
         self._listener.close()
         with self._lock:
             conns, self._conns = self._conns, []
         for c in conns:
-            try:
+            with contextlib.suppress(OSError):
                 c.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
             c.close()
 
     def _accept(self, listener: socket.socket) -> None:
@@ -81,10 +84,8 @@ class Proxy:
         except OSError:
             pass
         for s in (src, dst):
-            try:
+            with contextlib.suppress(OSError):
                 s.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
 
 
 @pytest.fixture
@@ -92,6 +93,22 @@ def ctx():
     c = zmq.Context()
     yield c
     c.term()
+
+
+@pytest.fixture
+def make(ctx):
+    """Persister / HistoryReader factory: closed at teardown even when a test fails."""
+    made = []
+
+    def build(cls, dsn, **kw):
+        obj = cls(dsn, ctx, **kw)
+        obj.start()
+        made.append(obj)
+        return obj
+
+    yield build
+    for obj in made:
+        obj.close()
 
 
 @pytest.fixture
@@ -125,10 +142,9 @@ def persist_logs(caplog, event: str) -> list[str]:
             if r.name == "dtask.persist" and f"event={event} " in r.getMessage()]
 
 
-def test_batches_land_in_order(tmp_path, ctx):
+def test_batches_land_in_order(tmp_path, make):
     dsn = str(tmp_path / "h.db")
-    persister = Persister(dsn, ctx)
-    persister.start()
+    persister = make(Persister, dsn)
     loop_until(persister, lambda _: persister.db_index is not None)
     assert persister.db_index == 0 and persister.state == OK
     done: list[int] = []
@@ -148,11 +164,10 @@ def test_batches_land_in_order(tmp_path, ctx):
     s.close()
 
 
-def test_postgres_outage_retries_the_same_batch_and_loses_nothing(proxied_pg, ctx, caplog):
+def test_postgres_outage_retries_the_same_batch_and_loses_nothing(proxied_pg, make, caplog):
     caplog.set_level(logging.INFO, logger="dtask.persist")
     proxy, through, direct = proxied_pg
-    persister = Persister(through, ctx, timeout=2)
-    persister.start()
+    persister = make(Persister, through, timeout=2)
     loop_until(persister, lambda _: persister.state == OK)
     tasks = [make_task(i, attempts=i % 3) for i in range(1, 301)]
     persister.submit(batch_of(tasks[:100], 1))
@@ -182,12 +197,11 @@ def test_postgres_outage_retries_the_same_batch_and_loses_nothing(proxied_pg, ct
     s.close()
 
 
-def test_postgres_terminated_backend_is_an_outage_too(proxied_pg, ctx, caplog):
+def test_postgres_terminated_backend_is_an_outage_too(proxied_pg, make, caplog):
     caplog.set_level(logging.INFO, logger="dtask.persist")
     _, _, direct = proxied_pg
     app = "persister_" + uuid.uuid4().hex[:8]
-    persister = Persister(f"{direct}&application_name={app}", ctx, timeout=2)
-    persister.start()
+    persister = make(Persister, f"{direct}&application_name={app}", timeout=2)
     loop_until(persister, lambda _: persister.state == OK)
     admin = open_store(direct, migrate=False)
     killed = admin.conn.execute("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
@@ -202,16 +216,15 @@ def test_postgres_terminated_backend_is_an_outage_too(proxied_pg, ctx, caplog):
     assert len(persist_logs(caplog, "persist_up")) == 1
 
 
-def test_down_from_the_start_then_connects(ctx, caplog):
+def test_down_from_the_start_then_connects(make, caplog):
     caplog.set_level(logging.INFO, logger="dtask.persist")
     proxy = Proxy()
     proxy.start()
     proxy.stop()  # a port nothing listens on (yet)
     name, direct = pg_schema_dsn()
     try:
-        persister = Persister(direct.replace(f":{PG_PORT}/", f":{proxy.port}/"), ctx,
-                              timeout=2)
-        persister.start()
+        persister = make(Persister, direct.replace(f":{PG_PORT}/", f":{proxy.port}/"),
+                         timeout=2)
         persister.submit(batch_of([make_task(1)], 8))
         loop_until(persister, lambda _: persister.state == DOWN)
         assert persister.db_index is None  # never connected: the loop must not trust it
@@ -226,11 +239,10 @@ def test_down_from_the_start_then_connects(ctx, caplog):
         drop_schema(name)
 
 
-def test_sqlite_locked_by_another_process_then_catches_up(tmp_path, ctx, caplog):
+def test_sqlite_locked_by_another_process_then_catches_up(tmp_path, make, caplog):
     caplog.set_level(logging.INFO, logger="dtask.persist")
     path = tmp_path / "h.db"
-    persister = Persister(str(path), ctx, timeout=0.1)
-    persister.start()
+    persister = make(Persister, str(path), timeout=0.1)
     loop_until(persister, lambda _: persister.state == OK)
     holder = sqlite3.connect(path, isolation_level=None)
     holder.execute("BEGIN EXCLUSIVE")  # another process holds the write lock
@@ -248,10 +260,9 @@ def test_sqlite_locked_by_another_process_then_catches_up(tmp_path, ctx, caplog)
     s.close()
 
 
-def test_bad_batch_keeps_retrying_without_log_spam(tmp_path, ctx, caplog):
+def test_bad_batch_keeps_retrying_without_log_spam(tmp_path, make, caplog):
     caplog.set_level(logging.INFO, logger="dtask.persist")
-    persister = Persister(str(tmp_path / "h.db"), ctx)
-    persister.start()
+    persister = make(Persister, str(tmp_path / "h.db"))
     persister.submit(Batch(tasks=[("short",)], last_index=1))
     loop_until(persister, lambda _: persister.state == DOWN)
     time.sleep(0.5)
@@ -287,14 +298,13 @@ def keep(result, error):
     replies.append((result, error, time.monotonic()))
 
 
-def test_history_reads_answer_through_poll(tmp_path, ctx):
+def test_history_reads_answer_through_poll(tmp_path, make):
     dsn = str(tmp_path / "h.db")
     task = make_task(1, attempts=2)
     s = open_store(dsn)
     s.write(batch_of([task], 1))
     s.close()
-    reader = HistoryReader(dsn, ctx)
-    reader.start()
+    reader = make(HistoryReader, dsn)
     reader.request("get_task", (task.id,), keep)
     reader.request("list_tasks", ([], "", 0, 10, ""), keep)
     reader.request("get_log", (task.id, 1), keep)
@@ -308,12 +318,11 @@ def test_history_reads_answer_through_poll(tmp_path, ctx):
     reader.close()
 
 
-def test_history_read_fails_in_time_when_the_server_hangs(ctx):
+def test_history_read_fails_in_time_when_the_server_hangs(make):
     hole = Proxy(forward=False)  # accepts connections, never answers
     hole.start()
-    reader = HistoryReader(f"postgresql://postgres@127.0.0.1:{hole.port}/test", ctx,
-                           timeout=0.5, max_waiting=3)
-    reader.start()
+    reader = make(HistoryReader, f"postgresql://postgres@127.0.0.1:{hole.port}/test",
+                  timeout=0.5, max_waiting=3)
     started = time.monotonic()
     for _ in range(3):
         reader.request("get_task", ("x",), keep)
@@ -327,14 +336,13 @@ def test_history_read_fails_in_time_when_the_server_hangs(ctx):
     hole.stop()
 
 
-def test_history_reader_fails_fast_while_down_and_recovers(proxied_pg, ctx):
+def test_history_reader_fails_fast_while_down_and_recovers(proxied_pg, make):
     proxy, through, direct = proxied_pg
     s = open_store(direct)
     s.write(batch_of([make_task(1)], 1))
     s.close()
     proxy.stop()
-    reader = HistoryReader(through, ctx, timeout=2)
-    reader.start()
+    reader = make(HistoryReader, through, timeout=2)
     reader.request("get_task", ("task-00001",), keep)
     run_reader(reader, 1)
     assert isinstance(replies[0][1], StoreUnavailable)
