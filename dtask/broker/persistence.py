@@ -34,6 +34,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("dtask.broker.persistence")
 
 RESYNC_SLICE = 5_000  # task ids per RESYNC entry
+# A batch at most this often (unless a full one is waiting): each is a database commit
+# with an fsync, on the same disks as the Raft log, and the GIL is shared with the loop.
+FLUSH_INTERVAL = 0.1
 WORKER_ROWS_EVERY = 5.0  # seconds between refreshes of the workers table
 
 
@@ -47,6 +50,7 @@ class PersistFeed:
         self.cursor: int | None = None  # every change at or before it was handed over
         self._proposed = 0  # highest PERSISTED proposed this term
         self._workers_due = 0.0
+        self._next_flush = 0.0
         self._worker_rows_sent: dict[str, tuple] = {}  # id -> its last row
         self._resync: list[str] | None = None  # task ids still to mark, when resyncing
 
@@ -66,11 +70,14 @@ class PersistFeed:
         if self._resync:
             ids, self._resync = self._resync[:RESYNC_SLICE], self._resync[RESYNC_SLICE:]
             self.server.propose(sm.RESYNC, now_us, [ids, False], _ignore)
-        if not self.persister.busy():
+        now = time.monotonic()
+        if not self.persister.busy() and (now >= self._next_flush
+                                          or len(self.state.dirty) >= self.max_rows):
             batch = self.next_batch()
             if batch is not None:
                 self.persister.submit(batch)
                 self.cursor = batch.last_index
+                self._next_flush = now + FLUSH_INTERVAL
 
     def _reconcile(self, now_us: int) -> bool:
         db_index = self.persister.db_index
