@@ -162,6 +162,8 @@ def _check_db(dsn: str) -> None:
 
     try:
         open_store(dsn).close()
+    except ValueError as exc:  # not a database we can use: refuse to start
+        raise click.BadParameter(str(exc), param_hint="--db") from None
     except StoreUnavailable as exc:
         logging.getLogger("dtask.cli").warning("event=persist_unavailable_at_start error=%s",
                                                exc)

@@ -366,3 +366,13 @@ def test_redact():
     assert redact("host=h password=pw dbname=d") == "host=h password=*** dbname=d"
     assert redact("postgresql://h/db?password=pw") == "postgresql://h/db?password=***"
     assert redact("/var/lib/dtask/history.db") == "/var/lib/dtask/history.db"
+
+
+@pytest.mark.parametrize("dsn, message", [
+    ("mysql://u@h/x", "unsupported database"),
+    ("", "empty database DSN"),
+    ("/tmp", "is a directory"),
+])
+def test_a_dsn_that_is_no_database_we_can_use_is_refused(dsn, message):
+    with pytest.raises(ValueError, match=message):
+        open_store(dsn)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
 import sqlite3
 import time
@@ -117,10 +118,20 @@ def sqlite_path(dsn: str) -> str | None:
     if dsn.startswith(("postgresql://", "postgres://")) or re.match(r"\s*\w+\s*=", dsn):
         return None
     if dsn.startswith("sqlite://"):
-        return unquote(dsn[len("sqlite://"):])  # sqlite:///abs -> /abs
-    if dsn.startswith("sqlite:"):
-        return unquote(dsn[len("sqlite:"):])
-    return dsn
+        path = unquote(dsn[len("sqlite://"):])  # sqlite:///abs -> /abs
+    elif dsn.startswith("sqlite:"):
+        path = unquote(dsn[len("sqlite:"):])
+    elif re.match(r"^[A-Za-z][\w+.-]*://", dsn):
+        raise ValueError(f"unsupported database {redact(dsn)!r}: use postgresql://... or a "
+                         "SQLite file (sqlite:///path or a path)")
+    else:
+        path = dsn
+    if not path.strip():
+        raise ValueError("empty database DSN: use postgresql://... or a SQLite file path")
+    if os.path.isdir(path):
+        raise ValueError(f"{path} is a directory; the SQLite database is a file in it, e.g. "
+                         f"{os.path.join(path, 'dtask.sqlite3')}")
+    return path
 
 
 class Store:

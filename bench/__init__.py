@@ -1,0 +1,1 @@
+"""DTask's benchmarks; `python -m bench` runs the side-by-side peer suite (bench/suite)."""

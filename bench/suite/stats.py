@@ -1,0 +1,34 @@
+"""A figure measured over several runs: median with min and max."""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Callable
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Figure:
+    samples: tuple[float, ...]
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.samples)
+
+    @property
+    def low(self) -> float:
+        return min(self.samples)
+
+    @property
+    def high(self) -> float:
+        return max(self.samples)
+
+    def text(self) -> str:
+        if len(self.samples) == 1:
+            return f"{self.median:,.0f}"
+        return f"{self.median:,.0f} ({self.low:,.0f}–{self.high:,.0f})"
+
+
+def repeat(runs: int, measure: Callable[[], float]) -> Figure:
+    """Call `measure` `runs` times; each call returns one figure (e.g. tasks/s)."""
+    return Figure(tuple(measure() for _ in range(runs)))
