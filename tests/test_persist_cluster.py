@@ -198,6 +198,9 @@ def test_leader_sigkill_while_persisting_leaves_no_gap_or_duplicate(tmp_path, db
             finally:
                 store.close()
             assert sorted(t["id"] for t in stored) == sorted(set(all_ids(client)))
+        # A new leader continues from what the database holds: no full rewrite.
+        logs = "".join(Path(m.log_path).read_text() for m in cluster.members.values())
+        assert "event=persist_resync" not in logs
     finally:
         cluster.stop_all()
 

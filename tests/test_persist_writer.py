@@ -164,6 +164,23 @@ def test_batches_land_in_order(tmp_path, make):
     s.close()
 
 
+def test_refresh_index_reads_what_another_writer_committed_since(tmp_path, make):
+    """A node that becomes leader must see the previous leader's writes, not the index
+    it read when it connected (or it would rewrite the whole live state)."""
+    dsn = str(tmp_path / "h.db")
+    persister = make(Persister, dsn)
+    loop_until(persister, lambda _: persister.db_index is not None)
+    assert persister.db_index == 0
+    other = open_store(dsn)  # the leader of the time, on another node
+    other.write(batch_of([make_task(1)], 77))
+    other.close()
+    assert persister.db_index == 0  # stale
+    persister.refresh_index()
+    assert persister.busy() and persister.db_index is None
+    loop_until(persister, lambda _: persister.db_index is not None)
+    assert persister.db_index == 77 and not persister.busy()
+
+
 def test_postgres_outage_retries_the_same_batch_and_loses_nothing(proxied_pg, make, caplog):
     caplog.set_level(logging.INFO, logger="dtask.persist")
     proxy, through, direct = proxied_pg

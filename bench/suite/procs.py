@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -26,12 +27,14 @@ def running(argv: list[str], **extra_env: str) -> Iterator[subprocess.Popen]:
     """Run a worker command (argv[0] looked up beside this Python) until the block ends."""
     exe = BIN / argv[0]
     cmd = [str(exe) if exe.exists() else argv[0], *argv[1:]]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env(**extra_env), start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        yield proc
-    finally:
-        stop(proc)
+    with tempfile.TemporaryFile() as err:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env(**extra_env), start_new_session=True,
+                                stdout=err, stderr=subprocess.STDOUT)
+        proc.log = err  # type: ignore[attr-defined]
+        try:
+            yield proc
+        finally:
+            stop(proc)
 
 
 def stop(proc: subprocess.Popen) -> None:
@@ -47,11 +50,10 @@ def stop(proc: subprocess.Popen) -> None:
     # Children that outlived their parent (a prefork pool) share its group.
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)
-    if proc.stderr:
-        proc.stderr.close()
 
 
-def check_alive(proc: subprocess.Popen, what: str) -> None:
-    if proc.poll() is not None:
-        err = proc.stderr.read().decode(errors="replace")[-2000:] if proc.stderr else ""
-        raise RuntimeError(f"{what} exited with {proc.returncode}: {err}")
+def output(proc: subprocess.Popen) -> str:
+    """The tail of what the worker printed (its log goes to a temporary file)."""
+    log = proc.log  # type: ignore[attr-defined]
+    log.seek(0)
+    return log.read().decode(errors="replace")[-2000:]

@@ -107,7 +107,10 @@ class CronDesk:
                                 job.max_catchup)
             job_entries = self._entries(job, plan)
             if not job_entries:
-                self._arm(job)
+                # Nothing to fire although the timer was due: should not happen, but
+                # must not turn into a loop that fires the same timer every turn.
+                next_us = self.schedule(job).next_after(job.last_tick_us)
+                self.timers.push(name, max(next_us, now_us + RETRY_LATER_US))
                 continue
             entries += job_entries
             names.append(name)

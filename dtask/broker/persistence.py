@@ -53,18 +53,32 @@ class PersistFeed:
         self._next_flush = 0.0
         self._worker_rows_sent: dict[str, tuple] = {}  # id -> its last row
         self._resync: list[str] | None = None  # task ids still to mark, when resyncing
+        self._refresh = False
+        self.leading = False
 
     def on_leader(self) -> None:
+        self.leading = True
         self.cursor = None  # unknown until reconciled with the database
         self._proposed = 0
         self._resync = None
+        self._refresh = True  # what the database holds now, not when we connected
+
+    def on_follower(self) -> None:
+        self.leading = False
 
     def step(self, now_us: int) -> None:
         finished = self.persister.poll()
-        if not self.server.node.is_leader:
+        # Our own flag, not the node's: the node can be leader a moment before
+        # on_leader() has run, and reconciling then would use a stale database index.
+        if not (self.leading and self.server.node.is_leader):
             return
         if finished and finished[-1] > max(self._proposed, self.state.persisted_index):
             self._propose_persisted(finished[-1], now_us)
+        if self._refresh:
+            if self.persister.busy():
+                return  # a batch of an earlier term still in flight
+            self.persister.refresh_index()
+            self._refresh = False
         if self.cursor is None and not self._reconcile(now_us):
             return
         if self._resync:

@@ -215,6 +215,7 @@ class SchedulerServer(NodeDaemon):
             self.feed.on_leader()
             self.crondesk.on_leader()
         else:
+            self.feed.on_follower()
             self.crondesk.on_follower()
             self.dispatcher = None
             self._fail_waiters()

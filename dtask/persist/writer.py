@@ -30,6 +30,7 @@ CONNECTING, OK, DOWN = "connecting", "ok", "down"
 BACKOFF_MIN, BACKOFF_MAX = 0.1, 5.0
 
 _ids = itertools.count()
+_REFRESH = object()  # a job: read the database's last index again
 
 
 class Persister:
@@ -70,6 +71,16 @@ class Persister:
             raise RuntimeError("persister busy: submit only when busy() is False")
         self._busy = True
         self._jobs.put(batch)
+
+    def refresh_index(self) -> None:
+        """Read the database's last index again (a new leader must not trust the value
+        read when this node started: another leader has written since). `db_index` is
+        None until it is read; only when not busy."""
+        if self._busy:
+            raise RuntimeError("persister busy: refresh only when busy() is False")
+        self._busy = True
+        self.db_index = None
+        self._jobs.put(_REFRESH)
 
     def poll(self) -> list[int]:
         """Drain the wake socket; the last_index of each batch committed since last call."""
@@ -113,6 +124,12 @@ class Persister:
                     batch = self._jobs.get()
                     if batch is None:
                         return
+                if batch is _REFRESH:
+                    if self._read_index():
+                        batch, delay = None, BACKOFF_MIN
+                    else:
+                        delay = self._backoff(delay)
+                    continue
                 if self._write(batch):
                     batch, delay = None, BACKOFF_MIN
                 else:
@@ -139,6 +156,21 @@ class Persister:
             self._set_up()
         # else: "up" once the batch that failed is written, so an outage that lets us
         # connect but not write (a full disk) logs one line, not one per retry.
+        return True
+
+    def _read_index(self) -> bool:
+        try:
+            index = self._store.last_index()
+        except StoreUnavailable as exc:
+            self._store.close()
+            self._store = None
+            self._set_down(str(exc))
+            return False
+        self.db_index = index
+        self._busy = False
+        if self.state != OK:
+            self._set_up()
+        self._notify()
         return True
 
     def _write(self, batch: Batch) -> bool:

@@ -1,0 +1,19 @@
+"""What a benchmarked configuration is: a system, its setup, its guarantees, and the
+scenarios it can run (None where the system has no such operation)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Config:
+    system: str  # the --systems name: dtask, celery, ...
+    name: str  # the row's label, e.g. "celery acks_late"
+    setup: str  # how it ran: broker, worker pool, processes
+    guarantees: str  # replicated or not, fsync or not, ack-late or not
+    e2e: Callable[[int, int], list[float]] | None = None  # (tasks, runs) -> tasks/s
+    submit_one: Callable[[float], float] | None = None  # seconds -> tasks/s
+    submit_bulk: Callable[[float], float] | None = None  # seconds -> tasks/s
+    raft: Callable[[float], float] | None = None  # seconds -> committed writes/s

@@ -1,0 +1,74 @@
+"""Celery with the Redis broker (db 5), one prefork pool process.
+
+The worker imports this module (`celery -A bench.suite.peer_celery worker`). The
+durable configuration (BENCH_CELERY_DURABLE=1) acknowledges after the task ran
+(`task_acks_late`) and prefetches one message per process; the default one
+acknowledges on receipt and prefetches four. No result backend in either.
+"""
+
+from __future__ import annotations
+
+import os
+
+from celery import Celery
+
+from bench.suite import redisdb
+from bench.suite.drain import drain_rates, timed_rate
+from bench.suite.mark import write_mark
+from bench.suite.model import Config
+
+DURABLE = os.environ.get("BENCH_CELERY_DURABLE") == "1"
+
+app = Celery("bench", broker=redisdb.URL)
+app.conf.update(task_default_queue="bench", broker_connection_retry_on_startup=True,
+                worker_hijack_root_logger=False)
+if DURABLE:
+    app.conf.update(task_acks_late=True, worker_prefetch_multiplier=1)
+
+
+@app.task(name="bench.noop")
+def noop() -> None:
+    return None
+
+
+@app.task(name="bench.mark")
+def mark(path: str) -> None:
+    write_mark(path)
+
+
+def _enqueue(n: int) -> None:
+    for _ in range(n):
+        noop.apply_async()
+
+
+def _e2e(durable: bool) -> object:
+    def run(n: int, runs: int) -> list[float]:
+        redisdb.flush()
+        try:
+            return drain_rates(
+                ["celery", "-A", "bench.suite.peer_celery", "worker", "-P", "prefork", "-c", "1",
+                 "-l", "warning", "--without-gossip", "--without-mingle", "--without-heartbeat"],
+                _enqueue, lambda path: mark.apply_async((path,)), n, runs,
+                env={"BENCH_CELERY_DURABLE": "1" if durable else "0"})
+        finally:
+            redisdb.flush()
+    return run
+
+
+def _submit_one(seconds: float) -> float:
+    redisdb.flush()
+    try:
+        return timed_rate(seconds, lambda: (noop.apply_async(), 1)[1])
+    finally:
+        redisdb.flush()
+
+
+def configs() -> list[Config]:
+    store = redisdb.persistence()
+    return [
+        Config("celery", "celery default", "Redis broker, prefork -c 1, prefetch 4",
+               f"1 node, {store}, acked on receipt", e2e=_e2e(False),
+               submit_one=_submit_one),
+        Config("celery", "celery acks_late", "Redis broker, prefork -c 1, prefetch 1",
+               f"1 node, {store}, ack-late", e2e=_e2e(True)),
+    ]

@@ -1,0 +1,54 @@
+"""DTask itself: a local 3-scheduler cluster (Raft, fsync on), reusing the code paths
+of bench_worker_e2e.py (end to end) and bench_scheduler.py (submit throughput).
+
+End to end starts a fresh cluster and one worker process with one slot per run and runs
+the Python no-op `builtins:int`, submitted with `submit_many` in batches of 500.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import tempfile
+from collections.abc import Iterator
+
+from bench import bench_scheduler, bench_worker_e2e
+from bench.suite.model import Config
+from dtask.broker.localcluster import SchedulerCluster
+
+GUARANTEES = "3-node Raft, quorum fdatasync, ack-late (lease; reruns on worker loss)"
+BULK = 1000
+
+
+def _e2e(n: int, runs: int) -> list[float]:
+    return [bench_worker_e2e.run("python", {"fn": "builtins:int"}, n, 1, 1)
+            for _ in range(runs)]
+
+
+@contextlib.contextmanager
+def _cluster() -> Iterator[list[str]]:
+    """Three schedulers and no worker: submissions queue up, nothing is dispatched."""
+    root = tempfile.mkdtemp(prefix="dtask-bench-suite-")
+    cluster = SchedulerCluster(root, size=3)
+    try:
+        cluster.start_all()
+        cluster.wait_leader()
+        yield cluster.endpoints
+    finally:
+        cluster.stop_all()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _submit_one(seconds: float) -> float:
+    with _cluster() as endpoints:
+        return bench_scheduler.sync_one_by_one(endpoints, seconds)[0]
+
+
+def _submit_bulk(seconds: float) -> float:
+    with _cluster() as endpoints:
+        return bench_scheduler.submit_many(endpoints, seconds, BULK)
+
+
+def configs() -> list[Config]:
+    return [Config("dtask", "dtask", "3 schedulers, 1 worker process x 1 slot", GUARANTEES,
+                   e2e=_e2e, submit_one=_submit_one, submit_bulk=_submit_bulk)]
