@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dtask import protocol as p
 
-MSG = {"type": p.SUBMIT, "req_id": 42, "task_type": "python",
+MSG = {"v": p.VERSION, "t": p.SUBMIT, "id": 42, "type": "python",
        "payload": b'{"fn": "builtins:int"}', "content_type": p.JSON, "priority": 0,
        "queue": "default", "labels": [], "max_retries": 3}
 

@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
                 err = ""
             except Exception as exc:  # a peer failing must not hide the others' figures
                 traceback.print_exc()
-                fig, err = None, f"{type(exc).__name__}: {str(exc)[:120]}"
+                fig, err = None, f"{type(exc).__name__}: {str(exc)[:80]}"
             if fig is None and not err:
                 continue  # the system has no such operation
             rows.append((cfg, fig, err))

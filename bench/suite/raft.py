@@ -58,7 +58,9 @@ def pysyncobj_rate(seconds: float, tick: float = 0.0) -> float:
         with procs.running(argv(1)), procs.running(argv(2)):
             out = subprocess.run([*argv(0), "--write", str(seconds)], cwd=procs.REPO,
                                  env=procs.env(), capture_output=True, text=True,
-                                 timeout=seconds + 60, check=True)
+                                 timeout=seconds + 60)
+        if out.returncode:
+            raise RuntimeError(f"PySyncObj writer failed: {out.stderr.strip()[-300:]}")
         return float(out.stdout.strip().splitlines()[-1])
     finally:
         shutil.rmtree(root, ignore_errors=True)
