@@ -111,6 +111,7 @@ def test_add_json_carries_every_option(cluster):
     task = job["task"]
     assert (task["type"], task["priority"], task["timeout"]) == ("shell", 7, 90)
     assert (task["queue"], task["labels"], task["retry"]["max_retries"]) == ("q1", ["gpu"], 2)
+    assert task["payload"] == json.loads(TRUE)  # decoded, as in `status --json`
 
     # The same definition again is not a conflict: a retry must be safe.
     again = ok_json(ctl(cluster, *args, stdin=TRUE.encode()))

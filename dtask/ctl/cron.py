@@ -30,9 +30,19 @@ def _show(job: dict) -> None:
     click.echo(out.fields(pairs))
 
 
+def _job_json(job: dict) -> dict:
+    """A job as JSON: its task's payload shown as in `status --json` (decoded JSON,
+    or payload_base64)."""
+    job = dict(job)
+    if isinstance(job.get("task"), dict):
+        job["task"] = {k: v for k, v in out.task_json({**job["task"], "attempts": []}).items()
+                       if k != "attempts"}
+    return job
+
+
 def _done(job: dict, verb: str) -> int:
     if settings().json:
-        out.dump(job)
+        out.dump(_job_json(job))
     else:
         click.echo(f"{verb} {job.get('name')}")
     return OK
@@ -86,7 +96,7 @@ def cron_add(name: str, expr: str, task_type: str, payload: str | None,
         overlap=overlap, grace=grace, catchup_window=catchup_window,
         max_catchup=max_catchup, paused=paused)
     if settings().json:
-        out.dump(job)
+        out.dump(_job_json(job))
         return OK
     click.echo(f"{job.get('outcome')} {name}")
     _show(job)
@@ -100,7 +110,7 @@ def cron_list(stale: bool) -> int:
     """Every job: schedule, next fire (local and UTC), last fire and outcome, state."""
     jobs = settings().client().cron_list(stale=stale)
     if settings().json:
-        out.dump({"jobs": jobs})
+        out.dump({"jobs": [_job_json(j) for j in jobs]})
         return OK
     if not jobs:
         click.echo("no cron jobs", err=True)

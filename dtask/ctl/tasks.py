@@ -244,6 +244,8 @@ def _show_task(task: dict) -> None:
              ("payload", _payload_text(task))]
     if task.get("idempotency_key"):
         rows.append(("idempotency key", task["idempotency_key"]))
+    if task.get("cron_job"):
+        rows.append(("cron job", task["cron_job"]))
     click.echo(out.fields(rows))
     attempts = task.get("attempts") or []
     if attempts:
