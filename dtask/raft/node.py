@@ -128,7 +128,7 @@ class RaftNode:
     def propose(self, data: bytes, callback: Callback) -> None:
         """Queue a command; it joins this loop turn's batch. Fails fast on a follower."""
         if self.raft.role != Role.LEADER:
-            callback(None, NotLeader(self.raft.leader))
+            _notify(callback, None, NotLeader(self.raft.leader))
             return
         self._proposals.append((data, callback))
 
@@ -139,7 +139,7 @@ class RaftNode:
     def read(self, callback: Callback) -> None:
         """Call back (None, None) once a linearizable read of the state machine is safe."""
         if self.raft.role != Role.LEADER:
-            callback(None, NotLeader(self.raft.leader))
+            _notify(callback, None, NotLeader(self.raft.leader))
             return
         self._reads.append(callback)
 
@@ -153,7 +153,7 @@ class RaftNode:
             # Idempotent for callers: a retried request whose first try was applied
             # (its reply lost to a leader change) succeeds instead of failing.
             if callback:
-                callback(None, None)
+                _notify(callback, None, None)
             return
         cc = ConfChange(kind, node_id, address.encode())
         if address:
@@ -164,7 +164,7 @@ class RaftNode:
             term, index = self.raft.propose_conf_change(cc)
         except (NotLeader, ProposalRejected) as exc:
             if callback:
-                callback(None, exc)
+                _notify(callback, None, exc)
             return
         if callback:
             self._pending[index] = (term, callback)
@@ -257,7 +257,7 @@ class RaftNode:
             term, first, _ = self.raft.propose([d for d, _ in batch])
         except NotLeader as exc:
             for _, cb in batch:
-                cb(None, exc)
+                _notify(cb, None, exc)
             return
         for i, (_, cb) in enumerate(batch):
             self._pending[first + i] = (term, cb)
@@ -273,7 +273,7 @@ class RaftNode:
             self.raft.read_index(ctx)
         except NotLeader as exc:
             for cb in batch:
-                cb(None, exc)
+                _notify(cb, None, exc)
             return
         self._read_rounds[ctx] = batch
 
@@ -328,9 +328,10 @@ class RaftNode:
         if pending is not None:
             term, cb = pending
             if term == e.term:
-                cb(result, error)
+                _notify(cb, result, error)
             else:
-                cb(None, NotLeader(self.raft.leader, "entry was overwritten by a new leader"))
+                _notify(cb, None, NotLeader(self.raft.leader,
+                                            "entry was overwritten by a new leader"))
 
     def _serve_reads(self) -> None:
         applied = self.raft.log.applied
@@ -338,7 +339,7 @@ class RaftNode:
         for index, cbs in self._reads_waiting_apply:
             if index <= applied:
                 for cb in cbs:
-                    cb(None, None)
+                    _notify(cb, None, None)
             else:
                 still.append((index, cbs))
         self._reads_waiting_apply = still
@@ -367,7 +368,7 @@ class RaftNode:
         self._pending, self._proposals, self._reads = {}, [], []
         self._read_rounds, self._reads_waiting_apply = {}, []
         for cb in pending:
-            cb(None, exc)
+            _notify(cb, None, exc)
 
     def _take_snapshot(self) -> None:
         """Serialize the state in a forked child (copy-on-write): a million tasks take
@@ -435,3 +436,12 @@ def _unwrap(data: bytes) -> tuple[dict[int, str], bytes]:
         return {}, b""
     addresses, app = msgpack.unpackb(data, strict_map_key=False)
     return dict(addresses), app
+
+
+def _notify(callback: Callback, result: object, error: Exception | None) -> None:
+    """Call a proposer's callback. A bug in one reply must cost that reply, not the
+    node: the entry is applied either way, and the loop must keep running."""
+    try:
+        callback(result, error)
+    except Exception:
+        log.exception("event=callback_failed")
