@@ -123,6 +123,31 @@ def test_sigterm_drains_reports_and_says_bye(fakes: list[FakeScheduler]) -> None
         os.kill(pool_pid, 0)  # the Python pool went with the worker
 
 
+def test_a_sigkilled_worker_takes_its_shell_tasks_along(fakes: list[FakeScheduler]) -> None:
+    """The worker cannot clean up after SIGKILL: the task's process must not live on
+    (it would run beside the retry of the same attempt on another worker)."""
+    fake = fakes[0]
+    worker = WorkerProcess([fake.endpoint], "--concurrency", "1", *FAST)
+    fake.wait_for(lambda: fake.messages(p.HEARTBEAT), 10, "heartbeats")
+    fake.run(task("orphan", "shell", {"cmd": "echo $$; exec sleep 300"}))
+    fake.wait_for(lambda: fake.log_chunks("orphan"), 5, "the task to start")
+    pid = int(b"".join(c["data"] for c in fake.log_chunks("orphan")).split()[0])
+    os.kill(pid, 0)  # running
+    worker.proc.kill()
+    worker.proc.wait(10)
+    deadline = time.monotonic() + 5
+    while True:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            break
+        with open(f"/proc/{pid}/stat") as f:  # a zombie waiting for init counts as gone
+            if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                break
+        assert time.monotonic() < deadline, f"task process {pid} outlived its worker"
+        time.sleep(0.05)
+
+
 def test_shutdown_waits_for_acks_but_not_forever(fakes: list[FakeScheduler]) -> None:
     fake = fakes[0]
     worker = WorkerProcess([fake.endpoint], "--ack-timeout", "0.5",

@@ -8,11 +8,14 @@ the Python no-op `builtins:int`, submitted with `submit_many` in batches of 500.
 from __future__ import annotations
 
 import contextlib
+import functools
+import os
 import shutil
 import tempfile
 from collections.abc import Iterator
 
 from bench import bench_scheduler, bench_worker_e2e
+from bench.suite import failover, parallel, procs
 from bench.suite.model import Config
 from dtask.broker.localcluster import SchedulerCluster
 
@@ -20,8 +23,8 @@ GUARANTEES = "3-node Raft, quorum fdatasync, ack-late (lease; reruns on worker l
 BULK = 1000
 
 
-def _e2e(n: int, runs: int) -> list[float]:
-    return [bench_worker_e2e.run("python", {"fn": "builtins:int"}, n, 1, 1)
+def _e2e(n: int, runs: int, workers: int = 1) -> list[float]:
+    return [bench_worker_e2e.run("python", {"fn": "builtins:int"}, n, workers, 1)
             for _ in range(runs)]
 
 
@@ -49,6 +52,40 @@ def _submit_bulk(seconds: float) -> float:
         return bench_scheduler.submit_many(endpoints, seconds, BULK)
 
 
+def _one_client(endpoints: list[str], seconds: float) -> float:
+    return bench_scheduler.sync_one_by_one(endpoints, seconds)[0]
+
+
+def _submit_clients(seconds: float, clients: int) -> float:
+    with _cluster() as endpoints:
+        return parallel.summed_rate(functools.partial(_one_client, endpoints), seconds, clients)
+
+
+def _latency(rate: float, count: int, runs: int) -> list[list[float]]:
+    """bench_scheduler.latency (task `bench_tasks:stamp` returns time.time()) on a
+    fresh cluster with one worker process, one slot, warmed up first."""
+    root = tempfile.mkdtemp(prefix="dtask-bench-suite-lat-")
+    cluster = SchedulerCluster(root, size=3)
+    saved = os.environ.get("PYTHONPATH")
+    try:
+        cluster.start_all()
+        cluster.wait_leader()
+        os.environ["PYTHONPATH"] = os.pathsep.join(
+            [str(procs.REPO / "bench"), procs.env()["PYTHONPATH"]])
+        cluster.start_worker("bench-lat", 1, "--import", "bench_tasks", "--log-level", "warning")
+        bench_scheduler.latency(cluster.endpoints, rate, 20)  # warm: leader, worker, pool
+        return [bench_scheduler.latency(cluster.endpoints, rate, count) for _ in range(runs)]
+    finally:
+        if saved is None:
+            os.environ.pop("PYTHONPATH", None)
+        else:
+            os.environ["PYTHONPATH"] = saved
+        cluster.stop_all()
+        shutil.rmtree(root, ignore_errors=True)
+
+
 def configs() -> list[Config]:
-    return [Config("dtask", "dtask", "3 schedulers, 1 worker process x 1 slot", GUARANTEES,
-                   e2e=_e2e, submit_one=_submit_one, submit_bulk=_submit_bulk)]
+    return [Config("dtask", "dtask", "3 schedulers, worker processes x 1 slot", GUARANTEES,
+                   e2e=_e2e, submit_one=_submit_one, submit_bulk=_submit_bulk,
+                   latency=_latency, submit_clients=_submit_clients,
+                   failover=failover.runs)]

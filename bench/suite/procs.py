@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -57,3 +58,13 @@ def output(proc: subprocess.Popen) -> str:
     log = proc.log  # type: ignore[attr-defined]
     log.seek(0)
     return log.read().decode(errors="replace")[-2000:]
+
+
+def copies(argv: list[str], n: int) -> list[str]:
+    """A command running n copies of a worker command (for peers whose worker has no
+    process-count option); stop() ends all of them, they share the process group."""
+    if n == 1:
+        return argv
+    exe = BIN / argv[0]
+    cmd = shlex.join([str(exe) if exe.exists() else argv[0], *argv[1:]])
+    return ["sh", "-c", " & ".join([cmd] * n) + " & wait"]

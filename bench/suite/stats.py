@@ -32,3 +32,9 @@ class Figure:
 def repeat(runs: int, measure: Callable[[], float]) -> Figure:
     """Call `measure` `runs` times; each call returns one figure (e.g. tasks/s)."""
     return Figure(tuple(measure() for _ in range(runs)))
+
+
+def percentile(xs: list[float], q: float) -> float:
+    """The q-quantile (0 < q < 1) of xs, nearest rank (as bench_scheduler.pct)."""
+    s = sorted(xs)
+    return s[min(len(s) - 1, int(len(s) * q))]

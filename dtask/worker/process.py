@@ -9,6 +9,7 @@ before reaping the leader means the group id cannot have been reused.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import signal
 import subprocess
@@ -18,6 +19,22 @@ from .reactor import Reactor
 
 READ_SIZE = 64 << 10
 READS_PER_TURN = 4  # then let the loop serve others; the rest is read next turn
+
+
+_PR_SET_PDEATHSIG = 1
+try:
+    _prctl = ctypes.CDLL(None, use_errno=True).prctl
+except (OSError, AttributeError):  # not Linux
+    _prctl = None
+
+
+def die_with_parent() -> None:
+    """In the child, before exec: SIGKILL me if the worker dies (even by SIGKILL, when
+    it cannot clean up). Covers the attempt's first process — with `sh -c` running one
+    command, the command itself; what that process forks is orphaned, as with any
+    supervisor that is killed outright."""
+    if _prctl is not None:
+        _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 def set_nonblocking(fd: int) -> None:
@@ -53,7 +70,7 @@ class Process:
         self.proc = subprocess.Popen(  # raises OSError if it cannot start
             argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
             env=env, cwd=cwd, start_new_session=True, close_fds=True, pass_fds=pass_fds,
-            bufsize=0)
+            bufsize=0, preexec_fn=die_with_parent)
         self.pid = self.proc.pid
         assert self.proc.stdout is not None
         self.out: int | None = self.proc.stdout.fileno()
