@@ -12,7 +12,7 @@ import os
 
 from celery import Celery
 
-from bench.suite import redisdb
+from bench.suite import latency, parallel, redisdb
 from bench.suite.drain import drain_rates, timed_rate
 from bench.suite.mark import write_mark
 from bench.suite.model import Config
@@ -36,29 +36,65 @@ def mark(path: str) -> None:
     write_mark(path)
 
 
+@app.task(name="bench.stamp")
+def stamp(path: str, i: int) -> None:
+    latency.record(path, i)
+
+
 def _enqueue(n: int) -> None:
     for _ in range(n):
         noop.apply_async()
 
 
+def _argv(workers: int) -> list[str]:
+    return ["celery", "-A", "bench.suite.peer_celery", "worker", "-P", "prefork",
+            "-c", str(workers), "-l", "warning", "--without-gossip", "--without-mingle",
+            "--without-heartbeat"]
+
+
+def _env(durable: bool) -> dict[str, str]:
+    return {"BENCH_CELERY_DURABLE": "1" if durable else "0"}
+
+
 def _e2e(durable: bool) -> object:
-    def run(n: int, runs: int) -> list[float]:
+    def run(n: int, runs: int, workers: int = 1) -> list[float]:
         redisdb.flush()
         try:
-            return drain_rates(
-                ["celery", "-A", "bench.suite.peer_celery", "worker", "-P", "prefork", "-c", "1",
-                 "-l", "warning", "--without-gossip", "--without-mingle", "--without-heartbeat"],
-                _enqueue, lambda path: mark.apply_async((path,)), n, runs,
-                env={"BENCH_CELERY_DURABLE": "1" if durable else "0"})
+            return drain_rates(_argv(workers), _enqueue, lambda path: mark.apply_async((path,)),
+                               n, runs, env=_env(durable))
         finally:
             redisdb.flush()
     return run
 
 
+def _latency(durable: bool) -> object:
+    def run(rate: float, count: int, runs: int) -> list[list[float]]:
+        redisdb.flush()
+        try:
+            return latency.delays(_argv(1), lambda path, i: stamp.apply_async((path, i)),
+                                  lambda path: mark.apply_async((path,)), rate, count, runs,
+                                  env=_env(durable))
+        finally:
+            redisdb.flush()
+    return run
+
+
+def _one_client(seconds: float) -> float:
+    return timed_rate(seconds, lambda: (noop.apply_async(), 1)[1])
+
+
 def _submit_one(seconds: float) -> float:
     redisdb.flush()
     try:
-        return timed_rate(seconds, lambda: (noop.apply_async(), 1)[1])
+        return _one_client(seconds)
+    finally:
+        redisdb.flush()
+
+
+def _submit_clients(seconds: float, clients: int) -> float:
+    redisdb.flush()
+    try:
+        return parallel.summed_rate(_one_client, seconds, clients)
     finally:
         redisdb.flush()
 
@@ -66,9 +102,10 @@ def _submit_one(seconds: float) -> float:
 def configs() -> list[Config]:
     store = redisdb.persistence()
     return [
-        Config("celery", "celery default", "Redis broker, prefork -c 1, prefetch 4",
+        Config("celery", "celery default", "Redis broker, prefork -c W, prefetch 4",
                f"1 node, {store}, acked on receipt", e2e=_e2e(False),
-               submit_one=_submit_one),
-        Config("celery", "celery acks_late", "Redis broker, prefork -c 1, prefetch 1",
-               f"1 node, {store}, ack-late", e2e=_e2e(True)),
+               submit_one=_submit_one, latency=_latency(False),
+               submit_clients=_submit_clients),
+        Config("celery", "celery acks_late", "Redis broker, prefork -c W, prefetch 1",
+               f"1 node, {store}, ack-late", e2e=_e2e(True), latency=_latency(True)),
     ]

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from huey import RedisHuey
 
-from bench.suite import redisdb
+from bench.suite import latency, parallel, redisdb
 from bench.suite.drain import drain_rates, timed_rate
 from bench.suite.mark import write_mark
 from bench.suite.model import Config
@@ -26,29 +26,59 @@ def mark(path: str) -> None:
     write_mark(path)
 
 
+@huey.task()
+def stamp(path: str, i: int) -> None:
+    latency.record(path, i)
+
+
 def _enqueue(n: int) -> None:
     for _ in range(n):
         noop()
 
 
-def _e2e(n: int, runs: int) -> list[float]:
+def _argv(workers: int) -> list[str]:
+    return ["huey_consumer", "bench.suite.peer_huey.huey", "-w", str(workers), "-k", "process",
+            "-C", "-q"]
+
+
+def _e2e(n: int, runs: int, workers: int = 1) -> list[float]:
     redisdb.flush()
     try:
-        return drain_rates(["huey_consumer", "bench.suite.peer_huey.huey", "-w", "1",
-                            "-k", "process", "-C", "-q"], _enqueue, mark, n, runs)
+        return drain_rates(_argv(workers), _enqueue, mark, n, runs)
     finally:
         redisdb.flush()
+
+
+def _latency(rate: float, count: int, runs: int) -> list[list[float]]:
+    redisdb.flush()
+    try:
+        return latency.delays(_argv(1), stamp, mark, rate, count, runs)
+    finally:
+        redisdb.flush()
+
+
+def _one_client(seconds: float) -> float:
+    return timed_rate(seconds, lambda: (noop(), 1)[1])
 
 
 def _submit_one(seconds: float) -> float:
     redisdb.flush()
     try:
-        return timed_rate(seconds, lambda: (noop(), 1)[1])
+        return _one_client(seconds)
+    finally:
+        redisdb.flush()
+
+
+def _submit_clients(seconds: float, clients: int) -> float:
+    redisdb.flush()
+    try:
+        return parallel.summed_rate(_one_client, seconds, clients)
     finally:
         redisdb.flush()
 
 
 def configs() -> list[Config]:
-    return [Config("huey", "huey", "RedisHuey, 1 worker process",
+    return [Config("huey", "huey", "RedisHuey, W worker processes",
                    f"1 node, {redisdb.persistence()}, acked on dequeue",
-                   e2e=_e2e, submit_one=_submit_one)]
+                   e2e=_e2e, submit_one=_submit_one, latency=_latency,
+                   submit_clients=_submit_clients)]
