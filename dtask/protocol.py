@@ -134,7 +134,8 @@ STATES = (PENDING, SCHEDULED, RUNNING, RETRYING, COMPLETED, FAILED, CANCELLED)
 
 SUCCEEDED, ERRORED, TIMED_OUT = "succeeded", "failed", "timed_out"
 KILLED, LOST = "cancelled", "lost"  # cancelled on request; worker died or lease expired
-OUTCOMES = frozenset({SUCCEEDED, ERRORED, TIMED_OUT, KILLED, LOST})
+REJECTED = "rejected"  # the worker did not start it (draining, no slot, no executor)
+OUTCOMES = frozenset({SUCCEEDED, ERRORED, TIMED_OUT, KILLED, LOST, REJECTED})
 
 JSON, BINARY = "application/json", "application/octet-stream"
 

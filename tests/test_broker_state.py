@@ -360,3 +360,21 @@ def test_a_lease_the_worker_no_longer_runs_is_expired_after_two_heartbeats(h):
     desk._check_running(w, [["b", 1]])
     desk._check_running(w, [["b", 1]])
     assert desk.expired == []
+
+
+def test_rejected_attempts_do_not_use_up_retries(h):
+    h.submit(wire("a", retries=0))
+    h.lease("a")
+    # A draining worker refused it without running it: it goes back, no retry used.
+    assert h.result("a", 1, p.REJECTED, retry_at=T0) == p.RETRYING
+    h.lease("a")
+    assert h.result("a", 2, p.ERRORED) == p.FAILED  # the one real failure it may have
+
+
+def test_a_task_every_worker_rejects_fails_eventually(h):
+    h.submit(wire("a", retries=0))
+    for n in range(1, sm.MAX_REJECTIONS + 1):
+        h.lease("a")
+        assert h.result("a", n, p.REJECTED, retry_at=T0) == p.RETRYING
+    h.lease("a")
+    assert h.result("a", sm.MAX_REJECTIONS + 1, p.REJECTED) == p.FAILED

@@ -108,7 +108,7 @@ def test_sigterm_drains_reports_and_says_bye(fakes: list[FakeScheduler]) -> None
                            if m["t"] == p.HEARTBEAT and m["credits"] == 0], 5, "credits 0")
     fake.run(task("dr-late", "shell", {"cmd": "true"}))
     late = fake.wait_result("dr-late")
-    assert late["outcome"] == p.LOST and late["error"] == "worker shutting down"
+    assert late["outcome"] == p.REJECTED and late["error"] == "worker shutting down"
     short = fake.wait_result("dr-short")
     assert short["outcome"] == p.SUCCEEDED and short["log"] == b"short done\n"
     long = fake.wait_result("dr-long", 5)

@@ -229,7 +229,7 @@ def test_shell_bad_payloads_fail_with_clear_errors(env: dict) -> None:
     res = run(env, "sh-5", "shell", {"argv": ["/no/such/program"]})
     assert res["outcome"] == p.ERRORED and "cannot start" in res["error"]
     res = run(env, "sh-6", "nosuch", {})
-    assert res["outcome"] == p.LOST and "no 'nosuch' executor" in res["error"]
+    assert res["outcome"] == p.REJECTED and "no 'nosuch' executor" in res["error"]
 
 
 # -- python ---------------------------------------------------------------------------
@@ -430,7 +430,7 @@ def test_concurrency_limit_extra_tasks_come_back_lost(env: dict) -> None:
     tasks = [task(f"cc-{i}", "shell", {"cmd": "sleep 0.4"}) for i in range(CONCURRENCY + 1)]
     fake.run(*tasks)
     extra = fake.wait_result(f"cc-{CONCURRENCY}")
-    assert extra["outcome"] == p.LOST and "no free slot" in extra["error"]
+    assert extra["outcome"] == p.REJECTED and "no free slot" in extra["error"]
     full = fake.wait_for(lambda: [h for h in fake.messages(p.HEARTBEAT)
                                   if len(h["running"]) == CONCURRENCY], 5, "a full heartbeat")
     assert full[0]["credits"] == 0

@@ -37,6 +37,9 @@ NODE_ENDPOINT = "node_endpoint"  # the client endpoint of a scheduler added late
 
 CRON_KEY = "cron "  # prefix of cron jobs' keys in `dirty` (a space never starts a task id)
 SNAPSHOT_VERSION = 2
+# Attempts a worker refused without starting them (REJECTED) do not use up retries;
+# past this many, the task fails anyway (no worker will take it).
+MAX_REJECTIONS = 100
 
 
 @dataclass(slots=True)
@@ -368,11 +371,13 @@ class TaskState:
             final = p.COMPLETED
         elif task.cancel_requested or outcome == p.KILLED:
             final = p.CANCELLED
-        elif attempt.number <= task.retry.max_retries:
-            task.run_at_us = retry_at_us
-            self._set_status(task, p.RETRYING)
-            return
         else:
+            rejected = sum(1 for a in task.attempts if a.outcome == p.REJECTED)
+            if (rejected <= MAX_REJECTIONS if outcome == p.REJECTED
+                    else len(task.attempts) - rejected <= task.retry.max_retries):
+                task.run_at_us = retry_at_us
+                self._set_status(task, p.RETRYING)
+                return
             final = p.FAILED
         task.finished_us = finished_us
         self._set_status(task, final)

@@ -146,6 +146,8 @@ class WorkerDesk:
         # The backoff follows the reported attempt: with dispatch ahead of the lease's
         # commit, the state may not count that attempt yet.
         retry_at = self.server.dispatcher.retry_at_us(task, now_us, number) if task else 0
+        if outcome == p.REJECTED:
+            retry_at = now_us  # it never ran: no backoff, another worker may take it now
         self.results.append((ident, [
             task_id, number, outcome, exit_code, p.get_str(msg, "error", "", max_len=4096),
             result[:p.MAX_RESULT], output[-p.MAX_LOG:], p.get_int(msg, "started_us", 0, lo=0),

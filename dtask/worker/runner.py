@@ -181,9 +181,9 @@ class Worker:
             log.info("event=duplicate_run task_id=%s attempt=%d", *key)
             return
         if self.draining:
-            return self._report(key, p.LOST, SHUTTING_DOWN)
+            return self._report(key, p.REJECTED, SHUTTING_DOWN)
         if len(self.jobs) >= self.config.concurrency:
-            return self._report(key, p.LOST, f"worker {self.config.worker_id} has no free slot"
+            return self._report(key, p.REJECTED, f"worker {self.config.worker_id} has no free slot"
                                 f" (concurrency {self.config.concurrency})")
         try:
             kind = p.get_str(raw, "type", max_len=64)
@@ -196,7 +196,7 @@ class Worker:
             return self._report(key, p.ERRORED, f"bad run message: {exc.message}")
         executor = self.executors.get(kind)
         if executor is None:  # misrouted: let another worker have it
-            return self._report(key, p.LOST, f"worker {self.config.worker_id} has no "
+            return self._report(key, p.REJECTED, f"worker {self.config.worker_id} has no "
                                 f"{kind!r} executor (it offers {', '.join(self.executors)})")
         job = Job(key, kind, timeout, LogBuffer(self.config.max_log_bytes), now_us())
         self.jobs[key] = job
