@@ -8,9 +8,10 @@ import sys
 import traceback
 
 from bench.suite import redisdb, report, systems
-from bench.suite.scenarios import SCENARIOS
+from bench.suite.scenarios import KEYS, build
+from bench.suite.stats import Figure
 
-SMOKE = {"tasks": 50, "runs": 1, "seconds": 0.3}
+SMOKE = {"tasks": 50, "runs": 1, "seconds": 0.3, "rate": 100.0, "latency_tasks": 20}
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -18,13 +19,21 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--systems", default=",".join(n for n in systems.PACKAGES
                                                   if systems.usable(n)),
                     help="comma-separated; default: every installed and reachable one")
-    ap.add_argument("--scenarios", default=",".join(s.key for s in SCENARIOS),
-                    help="comma-separated: " + ", ".join(s.key for s in SCENARIOS))
+    ap.add_argument("--scenarios", default=",".join(KEYS),
+                    help="comma-separated: " + ", ".join(KEYS))
     ap.add_argument("--tasks", type=int, default=2000, help="tasks per end-to-end run")
     ap.add_argument("--runs", type=int, default=3, help="runs per figure (median, min-max)")
     ap.add_argument("--seconds", type=float, default=2.0, help="per submit / raft run")
+    ap.add_argument("--workers", default="1,2",
+                    help="end-to-end worker process counts, comma-separated")
+    ap.add_argument("--clients", default="1,8",
+                    help="one-by-one submit client process counts, comma-separated")
+    ap.add_argument("--rate", type=float, default=200.0,
+                    help="tasks/s for the latency and failover scenarios")
+    ap.add_argument("--latency-tasks", type=int, default=2000, help="tasks per latency run")
     ap.add_argument("--smoke", action="store_true",
-                    help="CI mode: 50 tasks, 1 run, 0.3 s per timed run")
+                    help="CI mode: 50 tasks, 1 run, 0.3 s per timed run, latency 20 tasks "
+                         "at 100/s, failover once")
     ap.add_argument("--write-results", action="store_true",
                     help="append the tables to bench/RESULTS.md")
     ap.add_argument("--json", metavar="FILE", help="also write the medians as JSON")
@@ -34,6 +43,18 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def _medians(kind: str, result: Figure | dict[str, Figure] | None) -> object:
+    """For --json: the median (0.0 if it failed); per column for latency, failover."""
+    if isinstance(result, Figure):
+        return result.median
+    if not result:
+        return 0.0
+    out = {k: fig.median for k, fig in result.items()}
+    if kind == "failover":
+        out["lost"] = sum(result["lost"].samples)  # every run counts, not the median
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     names = [n.strip() for n in args.systems.split(",") if n.strip()]
@@ -41,29 +62,34 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         sys.exit(f"unknown systems: {', '.join(unknown)}")
     wanted = set(args.scenarios.split(","))
+    if wanted - set(KEYS):
+        sys.exit(f"unknown scenarios: {', '.join(sorted(wanted - set(KEYS)))}")
     configs = [cfg for name in names for cfg in systems.configs(name)]
     versions = {n: systems.version(n) for n in names}
     command = "python -m bench " + " ".join(argv if argv is not None else sys.argv[1:])
     out = [report.preamble(command.strip(), versions),
            f"Redis-based peers: {redisdb.persistence()} (db 5, flushed before and after)."]
     print(out[0], "\n" + out[1], flush=True)
-    medians: dict[str, dict[str, float]] = {}
-    for scenario in SCENARIOS:
+    medians: dict[str, dict[str, object]] = {}
+    for scenario in build(args):
         if scenario.key not in wanted:
             continue
-        rows = []
+        rows, without = [], []
         for cfg in configs:
             try:
-                fig = scenario.measure(cfg, args.tasks, args.runs, args.seconds)
+                fig = scenario.measure(cfg, args)
                 err = ""
             except Exception as exc:  # a peer failing must not hide the others' figures
                 traceback.print_exc()
                 fig, err = None, f"{type(exc).__name__}: {str(exc)[:80]}"
             if fig is None and not err:
+                if cfg.system != "pysyncobj" and cfg.system not in without:
+                    without.append(cfg.system)  # the task queues without this operation
                 continue  # the system has no such operation
             rows.append((cfg, fig, err))
-            medians.setdefault(scenario.key, {})[cfg.name] = fig.median if fig else 0.0
-        text = report.table(scenario, rows, {"tasks": args.tasks, "seconds": args.seconds})
+            medians.setdefault(scenario.name, {})[cfg.name] = _medians(scenario.kind, fig)
+        have = {cfg.system for cfg, _, _ in rows}
+        text = report.render(scenario, rows, {}, [n for n in without if n not in have])
         out.append(text)
         print("\n" + text, flush=True)
     if args.write_results:

@@ -1,8 +1,10 @@
 """DTask itself: a local 3-scheduler cluster (Raft, fsync on), reusing the code paths
 of bench_worker_e2e.py (end to end) and bench_scheduler.py (submit throughput).
 
-End to end starts a fresh cluster and one worker process with one slot per run and runs
-the Python no-op `builtins:int`, submitted with `submit_many` in batches of 500.
+End to end starts a fresh cluster and W worker processes with one slot each per run and
+runs the Python no-op `builtins:int`, submitted with `submit_many` in batches of 500.
+Latency is bench_scheduler.latency on one worker process with one slot; several
+submitting clients are separate processes (see `parallel`); failover is `failover`.
 """
 
 from __future__ import annotations
@@ -85,7 +87,7 @@ def _latency(rate: float, count: int, runs: int) -> list[list[float]]:
 
 
 def configs() -> list[Config]:
-    return [Config("dtask", "dtask", "3 schedulers, worker processes x 1 slot", GUARANTEES,
+    return [Config("dtask", "dtask", "3 schedulers, W worker processes x 1 slot", GUARANTEES,
                    e2e=_e2e, submit_one=_submit_one, submit_bulk=_submit_bulk,
                    latency=_latency, submit_clients=_submit_clients,
                    failover=failover.runs)]

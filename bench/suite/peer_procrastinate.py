@@ -13,6 +13,7 @@ from collections.abc import Iterator
 import procrastinate
 import psycopg
 
+from bench.suite import latency, parallel, procs
 from bench.suite.drain import drain_rates, timed_rate
 from bench.suite.mark import write_mark
 from bench.suite.model import Config
@@ -33,6 +34,11 @@ def noop() -> None:
 @app.task(name="bench.mark", queue="bench")
 def mark(path: str) -> None:
     write_mark(path)
+
+
+@app.task(name="bench.stamp", queue="bench")
+def stamp(path: str, i: int) -> None:
+    latency.record(path, i)
 
 
 def _admin(sql: str) -> None:
@@ -58,16 +64,36 @@ def _batch(n: int) -> int:
     return n
 
 
-def _e2e(n: int, runs: int) -> list[float]:
+def _argv(workers: int) -> list[str]:
+    return procs.copies(["procrastinate", "--app=bench.suite.peer_procrastinate.app",
+                         "worker", "-q", "bench", "-c", "1"], workers)
+
+
+def _e2e(n: int, runs: int, workers: int = 1) -> list[float]:
     with fresh_database():
-        return drain_rates(["procrastinate", "--app=bench.suite.peer_procrastinate.app",
-                            "worker", "-q", "bench", "-c", "1"],
-                           _batch, lambda path: mark.defer(path=path), n, runs)
+        return drain_rates(_argv(workers), _batch, lambda path: mark.defer(path=path), n, runs)
+
+
+def _latency(rate: float, count: int, runs: int) -> list[list[float]]:
+    with fresh_database():
+        return latency.delays(_argv(1), lambda path, i: stamp.defer(path=path, i=i),
+                              lambda path: mark.defer(path=path), rate, count, runs)
+
+
+def _one_client(seconds: float) -> float:
+    """In a client process of its own: opens the app there."""
+    with app.open():
+        return timed_rate(seconds, lambda: (noop.defer(), 1)[1])
 
 
 def _submit_one(seconds: float) -> float:
     with fresh_database():
         return timed_rate(seconds, lambda: (noop.defer(), 1)[1])
+
+
+def _submit_clients(seconds: float, clients: int) -> float:
+    with fresh_database():
+        return parallel.summed_rate(_one_client, seconds, clients)
 
 
 def _submit_bulk(seconds: float) -> float:
@@ -83,5 +109,7 @@ def _durability() -> str:
 
 
 def configs() -> list[Config]:
-    return [Config("procrastinate", "procrastinate", "PostgreSQL, 1 worker, concurrency 1",
-                   _durability(), e2e=_e2e, submit_one=_submit_one, submit_bulk=_submit_bulk)]
+    return [Config("procrastinate", "procrastinate", "PostgreSQL, W worker processes, "
+                   "concurrency 1", _durability(), e2e=_e2e, submit_one=_submit_one,
+                   submit_bulk=_submit_bulk, latency=_latency,
+                   submit_clients=_submit_clients)]

@@ -5,7 +5,7 @@ it runs, so a killed worker's job is found again only after its timeout.
 
 from __future__ import annotations
 
-from bench.suite import redisdb
+from bench.suite import latency, parallel, procs, redisdb
 from bench.suite.drain import drain_rates, timed_rate
 from bench.suite.mark import write_mark
 from bench.suite.model import Config
@@ -20,6 +20,10 @@ def noop() -> None:
 
 def mark(path: str) -> None:
     write_mark(path)
+
+
+def stamp(path: str, i: int) -> None:
+    latency.record(path, i)
 
 
 def _queue():  # noqa: ANN202 - rq.Queue
@@ -37,24 +41,53 @@ def _enqueue_many(q, n: int) -> int:  # noqa: ANN001 - rq.Queue
     return n
 
 
+def _argv(worker_class: str, workers: int) -> list[str]:
+    return procs.copies(["rq", "worker", "-u", redisdb.URL, "-w", worker_class, "-q", QUEUE],
+                        workers)
+
+
 def _e2e(worker_class: str):  # noqa: ANN202
-    def run(n: int, runs: int) -> list[float]:
+    def run(n: int, runs: int, workers: int = 1) -> list[float]:
         redisdb.flush()
         q = _queue()
         try:
-            return drain_rates(["rq", "worker", "-u", redisdb.URL, "-w", worker_class, "-q",
-                                QUEUE], lambda k: _enqueue_many(q, k),
+            return drain_rates(_argv(worker_class, workers), lambda k: _enqueue_many(q, k),
                                lambda path: q.enqueue(mark, path), n, runs)
         finally:
             redisdb.flush()
     return run
 
 
+def _latency(worker_class: str):  # noqa: ANN202
+    def run(rate: float, count: int, runs: int) -> list[list[float]]:
+        redisdb.flush()
+        q = _queue()
+        try:
+            return latency.delays(_argv(worker_class, 1),
+                                  lambda path, i: q.enqueue(stamp, path, i),
+                                  lambda path: q.enqueue(mark, path), rate, count, runs)
+        finally:
+            redisdb.flush()
+    return run
+
+
+def _one_client(seconds: float) -> float:
+    q = _queue()
+    return timed_rate(seconds, lambda: (q.enqueue(noop), 1)[1])
+
+
 def _submit_one(seconds: float) -> float:
     redisdb.flush()
-    q = _queue()
     try:
-        return timed_rate(seconds, lambda: (q.enqueue(noop), 1)[1])
+        return _one_client(seconds)
+    finally:
+        redisdb.flush()
+
+
+def _submit_clients(seconds: float, clients: int) -> float:
+    redisdb.flush()
+    try:
+        return parallel.summed_rate(_one_client, seconds, clients)
     finally:
         redisdb.flush()
 
@@ -71,9 +104,10 @@ def _submit_bulk(seconds: float) -> float:
 def configs() -> list[Config]:
     store = f"1 node, {redisdb.persistence()}, job in started registry"
     return [
-        Config("rq", "rq Worker", "forking Worker (fork per job)", store,
+        Config("rq", "rq Worker", "forking Worker (fork per job), W processes", store,
                e2e=_e2e("rq.worker.Worker"), submit_one=_submit_one,
-               submit_bulk=_submit_bulk),
-        Config("rq", "rq SimpleWorker", "SimpleWorker (no fork)", store,
-               e2e=_e2e("rq.worker.SimpleWorker")),
+               submit_bulk=_submit_bulk, latency=_latency("rq.worker.Worker"),
+               submit_clients=_submit_clients),
+        Config("rq", "rq SimpleWorker", "SimpleWorker (no fork), W processes", store,
+               e2e=_e2e("rq.worker.SimpleWorker"), latency=_latency("rq.worker.SimpleWorker")),
     ]

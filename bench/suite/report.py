@@ -14,7 +14,11 @@ from bench.suite.stats import Figure
 RESULTS = Path(__file__).resolve().parents[1] / "RESULTS.md"
 HEADER = "| system | configuration | guarantees | {unit}: median (min–max) | DTask / peer |"
 
-Row = tuple[Config, Figure | None, str]  # config, figure, error message ("" if none)
+Row = tuple[Config, "Figure | dict[str, Figure] | None", str]  # config, result, error
+LATENCY_HEADER = ("| system | configuration | guarantees | p50 ms | p99 ms | p99.9 ms "
+                  "| p99 peer / DTask (> 1: DTask's p99 is lower) |")
+FAILOVER_HEADER = ("| system | configuration | guarantees | recovery s: median (min–max) "
+                   "| acknowledged submissions per run | lost (acknowledged, then unknown) |")
 
 
 def ratio(reference: Figure | None, figure: Figure | None) -> str:
@@ -32,6 +36,50 @@ def table(scenario: Scenario, rows: list[Row], title_args: dict) -> str:
         peer = "—" if cfg.name == scenario.reference else ratio(ref, fig)
         lines.append(f"| {cfg.name} | {cfg.setup} | {cfg.guarantees} | {figure} | {peer} |")
     return "\n".join(lines)
+
+
+def latency_table(scenario: Scenario, rows: list[Row], title_args: dict) -> str:
+    ref = next((res for cfg, res, _ in rows if cfg.name == scenario.reference), None)
+    lines = [f"### {scenario.title.format(**title_args)}", "", LATENCY_HEADER,
+             "|---|---|---|---|---|---|---|"]
+    for cfg, res, err in rows:
+        if not res:
+            lines.append(f"| {cfg.name} | {cfg.setup} | {cfg.guarantees} | failed: {err} "
+                         "| | | — |")
+            continue
+        cells = " | ".join(res[k].text(",.2f") for k in ("p50", "p99", "p99.9"))
+        peer = "—" if cfg.name == scenario.reference else (
+            ratio(res["p99"], ref["p99"]) if ref else "—")
+        lines.append(f"| {cfg.name} | {cfg.setup} | {cfg.guarantees} | {cells} | {peer} |")
+    return "\n".join(lines)
+
+
+def failover_table(scenario: Scenario, rows: list[Row], title_args: dict,
+                   without: list[str]) -> str:
+    lines = [f"### {scenario.title.format(**title_args)}", "", FAILOVER_HEADER,
+             "|---|---|---|---|---|---|"]
+    for cfg, res, err in rows:
+        if not res:
+            lines.append(f"| {cfg.name} | {cfg.setup} | {cfg.guarantees} | failed: {err} | | |")
+            continue
+        lost = int(sum(res["lost"].samples))
+        lines.append(f"| {cfg.name} | 3 schedulers, leader SIGKILLed once per run, no worker "
+                     f"| {cfg.guarantees} | {res['recovery_s'].text(',.2f')} "
+                     f"| {res['acked'].text()} | {lost} in {len(res['lost'].samples)} run(s) |")
+    if without:
+        lines.append(f"| {', '.join(without)} | one broker (Redis / PostgreSQL) | not "
+                     "replicated | not applicable: no replicated broker to fail over to; "
+                     "losing the node stops submissions until it is back | — | — |")
+    return "\n".join(lines)
+
+
+def render(scenario: Scenario, rows: list[Row], title_args: dict,
+           without: list[str]) -> str:
+    if scenario.kind == "latency":
+        return latency_table(scenario, rows, title_args)
+    if scenario.kind == "failover":
+        return failover_table(scenario, rows, title_args, without)
+    return table(scenario, rows, title_args)
 
 
 def preamble(command: str, versions: dict[str, str]) -> str:

@@ -23,10 +23,10 @@ class Figure:
     def high(self) -> float:
         return max(self.samples)
 
-    def text(self) -> str:
+    def text(self, fmt: str = ",.0f") -> str:
         if len(self.samples) == 1:
-            return f"{self.median:,.0f}"
-        return f"{self.median:,.0f} ({self.low:,.0f}–{self.high:,.0f})"
+            return f"{self.median:{fmt}}"
+        return f"{self.median:{fmt}} ({self.low:{fmt}}–{self.high:{fmt}})"
 
 
 def repeat(runs: int, measure: Callable[[], float]) -> Figure:
