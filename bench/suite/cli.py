@@ -34,6 +34,11 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--smoke", action="store_true",
                     help="CI mode: 50 tasks, 1 run, 0.3 s per timed run, latency 20 tasks "
                          "at 100/s, failover once")
+    ap.add_argument("--durable-redis", action="store_true",
+                    help="run the Redis-based peers against a throwaway redis-server with "
+                         "AOF and appendfsync always (fsync per write), each in its durable "
+                         "configuration only (celery acks_late, huey, rq SimpleWorker, "
+                         "dramatiq); the server is stopped and its directory deleted after")
     ap.add_argument("--write-results", action="store_true",
                     help="append the tables to bench/RESULTS.md")
     ap.add_argument("--json", metavar="FILE", help="also write the medians as JSON")
@@ -57,6 +62,13 @@ def _medians(kind: str, result: Figure | dict[str, Figure] | None) -> object:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
+    if not args.durable_redis:
+        return _run(args, argv)
+    with redisdb.durable_server():
+        return _run(args, argv)
+
+
+def _run(args: argparse.Namespace, argv: list[str] | None) -> int:
     names = [n.strip() for n in args.systems.split(",") if n.strip()]
     unknown = [n for n in names if n not in systems.PACKAGES]
     if unknown:
@@ -65,10 +77,17 @@ def main(argv: list[str] | None = None) -> int:
     if wanted - set(KEYS):
         sys.exit(f"unknown scenarios: {', '.join(sorted(wanted - set(KEYS)))}")
     configs = [cfg for name in names for cfg in systems.configs(name)]
+    if args.durable_redis:
+        redis_peers = {n for n, s in systems.SERVICES.items() if s == "redis"}
+        configs = [c for c in configs
+                   if c.system not in redis_peers or c.name in redisdb.DURABLE_ROWS]
     versions = {n: systems.version(n) for n in names}
     command = "python -m bench " + " ".join(argv if argv is not None else sys.argv[1:])
+    where = (f", a throwaway redis-server on port {redisdb.address()[1]} (its AOF in a "
+             "temporary directory, deleted after)" if args.durable_redis else "")
     out = [report.preamble(command.strip(), versions),
-           f"Redis-based peers: {redisdb.persistence()} (db 5, flushed before and after)."]
+           f"Redis-based peers: {redisdb.persistence()}{where} (db 5, flushed before and "
+           "after)."]
     print(out[0], "\n" + out[1], flush=True)
     medians: dict[str, dict[str, object]] = {}
     for scenario in build(args):

@@ -107,5 +107,9 @@ def configs() -> list[Config]:
                submit_one=_submit_one, latency=_latency(False),
                submit_clients=_submit_clients),
         Config("celery", "celery acks_late", "Redis broker, prefork -c W, prefetch 1",
-               f"1 node, {store}, ack-late", e2e=_e2e(True), latency=_latency(True)),
+               f"1 node, {store}, ack-late", e2e=_e2e(True), latency=_latency(True),
+               # Submitting is the same as for the default row; with --durable-redis
+               # this is Celery's only row, so it submits too.
+               submit_one=_submit_one if redisdb.DURABLE else None,
+               submit_clients=_submit_clients if redisdb.DURABLE else None),
     ]

@@ -109,5 +109,10 @@ def configs() -> list[Config]:
                submit_bulk=_submit_bulk, latency=_latency("rq.worker.Worker"),
                submit_clients=_submit_clients),
         Config("rq", "rq SimpleWorker", "SimpleWorker (no fork), W processes", store,
-               e2e=_e2e("rq.worker.SimpleWorker"), latency=_latency("rq.worker.SimpleWorker")),
+               e2e=_e2e("rq.worker.SimpleWorker"), latency=_latency("rq.worker.SimpleWorker"),
+               # Same client side as the Worker row; with --durable-redis this is RQ's
+               # only row, so it submits too.
+               submit_one=_submit_one if redisdb.DURABLE else None,
+               submit_bulk=_submit_bulk if redisdb.DURABLE else None,
+               submit_clients=_submit_clients if redisdb.DURABLE else None),
     ]

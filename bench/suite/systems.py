@@ -48,8 +48,8 @@ def configs(name: str) -> list[Config]:
 
 
 # The service a peer needs, as (host, port); DTask and PySyncObj start their own nodes.
-SERVICES = {"celery": ("127.0.0.1", 6379), "huey": ("127.0.0.1", 6379),
-            "rq": ("127.0.0.1", 6379), "dramatiq": ("127.0.0.1", 6379),
+# "redis" stands for the Redis the peers use now (redisdb.address()).
+SERVICES = {"celery": "redis", "huey": "redis", "rq": "redis", "dramatiq": "redis",
             "procrastinate": ("127.0.0.1", 5432)}
 
 
@@ -59,8 +59,12 @@ def usable(name: str) -> bool:
         return False
     if name not in SERVICES:
         return True
+    from bench.suite import redisdb
+
+    service = SERVICES[name]
     try:
-        socket.create_connection(SERVICES[name], timeout=1.0).close()
+        socket.create_connection(redisdb.address() if service == "redis" else service,
+                                 timeout=1.0).close()
     except OSError:
         return False
     return True
