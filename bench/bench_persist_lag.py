@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
 import tempfile
 import threading
@@ -37,13 +38,9 @@ def pct(xs: list[float], q: float) -> float:
     return s[min(len(s) - 1, int(len(s) * q))]
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--rate", type=int, default=5000)
-    ap.add_argument("--seconds", type=float, default=30)
-    ap.add_argument("--db", choices=["postgresql", "sqlite"], default="postgresql")
-    args = ap.parse_args()
+def run(rate: float = 5000, seconds: float = 30, db: str = "postgresql") -> dict:
+    """Run once; return the figures (lag in s, rows, rates, drain time)."""
+    args = argparse.Namespace(rate=rate, seconds=seconds, db=db)
     root = tempfile.mkdtemp(prefix="bench-persist-")
     schema = "bench_" + uuid.uuid4().hex[:8]
     if args.db == "postgresql":
@@ -90,19 +87,36 @@ def main() -> None:
         drain = time.monotonic() - stopped
         after = cluster.node_info(leader)["persist"]
         rows = after["rows"] - before["rows"]
-        print(f"bench_persist_lag: {os.cpu_count()} CPUs, {args.db}, "
-              f"{time.strftime('%Y-%m-%d %H:%M')}")
-        print(f"  offered {args.rate}/s, submitted {submitted[0] / loaded:.0f}/s for "
-              f"{loaded:.0f} s; rows written {rows} ({rows / (loaded + drain):.0f}/s)")
-        print(f"  lag s: p50 {pct(lags, 0.5):.3f}  p99 {pct(lags, 0.99):.3f}  "
-              f"max {max(lags):.3f};  pending rows p99 {pct(pending, 0.99)}")
-        print(f"  drained {drain:.2f} s after the load stopped; batches "
-              f"{after['batches'] - before['batches']}, last batch {after['last_batch_s']:.4f} s")
+        return {"submitted_per_s": submitted[0] / loaded, "loaded_s": loaded, "rows": rows,
+                "rows_per_s": rows / (loaded + drain), "lag_p50": pct(lags, 0.5),
+                "lag_p99": pct(lags, 0.99), "lag_max": max(lags),
+                "pending_p99": pct(pending, 0.99), "drain_s": drain,
+                "batches": after["batches"] - before["batches"],
+                "last_batch_s": after["last_batch_s"]}
     finally:
         cluster.stop_all()
         if args.db == "postgresql":
             with psycopg.connect(PG, autocommit=True) as conn:
                 conn.execute(f"DROP SCHEMA {schema} CASCADE")
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rate", type=int, default=5000)
+    ap.add_argument("--seconds", type=float, default=30)
+    ap.add_argument("--db", choices=["postgresql", "sqlite"], default="postgresql")
+    args = ap.parse_args()
+    r = run(args.rate, args.seconds, args.db)
+    print(f"bench_persist_lag: {os.cpu_count()} CPUs, {args.db}, "
+          f"{time.strftime('%Y-%m-%d %H:%M')}")
+    print(f"  offered {args.rate}/s, submitted {r['submitted_per_s']:.0f}/s for "
+          f"{r['loaded_s']:.0f} s; rows written {r['rows']} ({r['rows_per_s']:.0f}/s)")
+    print(f"  lag s: p50 {r['lag_p50']:.3f}  p99 {r['lag_p99']:.3f}  "
+          f"max {r['lag_max']:.3f};  pending rows p99 {r['pending_p99']}")
+    print(f"  drained {r['drain_s']:.2f} s after the load stopped; batches "
+          f"{r['batches']}, last batch {r['last_batch_s']:.4f} s")
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ import sys
 import traceback
 
 from bench.suite import redisdb, report, systems
-from bench.suite.scenarios import KEYS, build
+from bench.suite.scenarios import ALL, KEYS, OPT_IN, build
 from bench.suite.stats import Figure
 
 SMOKE = {"tasks": 50, "runs": 1, "seconds": 0.3, "rate": 100.0, "latency_tasks": 20}
@@ -20,7 +20,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                                                   if systems.usable(n)),
                     help="comma-separated; default: every installed and reachable one")
     ap.add_argument("--scenarios", default=",".join(KEYS),
-                    help="comma-separated: " + ", ".join(KEYS))
+                    help="comma-separated: " + ", ".join(KEYS) + "; opt-in (DTask only, "
+                         "never in the default list nor --smoke): " + ", ".join(OPT_IN))
     ap.add_argument("--tasks", type=int, default=2000, help="tasks per end-to-end run")
     ap.add_argument("--runs", type=int, default=3, help="runs per figure (median, min-max)")
     ap.add_argument("--seconds", type=float, default=2.0, help="per submit / raft run")
@@ -31,6 +32,17 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--rate", type=float, default=200.0,
                     help="tasks/s for the latency and failover scenarios")
     ap.add_argument("--latency-tasks", type=int, default=2000, help="tasks per latency run")
+    ap.add_argument("--scale-tasks", type=int, default=1_000_000,
+                    help="scale: pending tasks submitted before measuring")
+    ap.add_argument("--scale-dispatch", type=int, default=20_000,
+                    help="scale: no-op tasks then dispatched on a dedicated queue while the "
+                         "others wait (0: skip)")
+    ap.add_argument("--scale-slots", type=int, default=4,
+                    help="scale: slots of the one worker process for the dispatch part")
+    ap.add_argument("--persist-rate", type=float, default=5000.0,
+                    help="persist: tasks/s offered")
+    ap.add_argument("--persist-seconds", type=float, default=30.0,
+                    help="persist: seconds under load")
     ap.add_argument("--smoke", action="store_true",
                     help="CI mode: 50 tasks, 1 run, 0.3 s per timed run, latency 20 tasks "
                          "at 100/s, failover once")
@@ -74,8 +86,8 @@ def _run(args: argparse.Namespace, argv: list[str] | None) -> int:
     if unknown:
         sys.exit(f"unknown systems: {', '.join(unknown)}")
     wanted = set(args.scenarios.split(","))
-    if wanted - set(KEYS):
-        sys.exit(f"unknown scenarios: {', '.join(sorted(wanted - set(KEYS)))}")
+    if wanted - set(ALL):
+        sys.exit(f"unknown scenarios: {', '.join(sorted(wanted - set(ALL)))}")
     configs = [cfg for name in names for cfg in systems.configs(name)]
     if args.durable_redis:
         redis_peers = {n for n, s in systems.SERVICES.items() if s == "redis"}

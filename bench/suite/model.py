@@ -23,3 +23,7 @@ class Config:
     submit_clients: Callable[[float, int], float] | None = None
     # (runs, rate/s) -> per run {"recovery_s": ..., "lost": ..., "acked": ...}
     failover: Callable[[int, float], list[dict]] | None = None
+    # DTask only (opt-in scenarios): (tasks, dispatch tasks, slots) -> bench_scale.run figures
+    scale: Callable[[int, int, int], dict] | None = None
+    # DTask only: (rate/s, seconds) -> bench_persist_lag.run figures
+    persist: Callable[[float, float], dict] | None = None

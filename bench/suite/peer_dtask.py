@@ -86,8 +86,18 @@ def _latency(rate: float, count: int, runs: int) -> list[list[float]]:
         shutil.rmtree(root, ignore_errors=True)
 
 
+def _scale(tasks: int, dispatch: int, slots: int) -> dict:
+    from bench import bench_scale
+    return bench_scale.run(tasks, dispatch=dispatch, slots=slots)
+
+
+def _persist(rate: float, seconds: float) -> dict:
+    from bench import bench_persist_lag  # imports psycopg
+    return bench_persist_lag.run(rate, seconds, "postgresql")
+
+
 def configs() -> list[Config]:
     return [Config("dtask", "dtask", "3 schedulers, W worker processes x 1 slot", GUARANTEES,
                    e2e=_e2e, submit_one=_submit_one, submit_bulk=_submit_bulk,
                    latency=_latency, submit_clients=_submit_clients,
-                   failover=failover.runs)]
+                   failover=failover.runs, scale=_scale, persist=_persist)]

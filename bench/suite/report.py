@@ -73,12 +73,53 @@ def failover_table(scenario: Scenario, rows: list[Row], title_args: dict,
     return "\n".join(lines)
 
 
+NOT_APPLICABLE = "peers: not applicable (no replicated state / no write-behind mirror)"
+
+
+def scale_table(scenario: Scenario, rows: list[Row], title_args: dict) -> str:
+    lines = [f"### {scenario.title.format(**title_args)}", "",
+             "| system | guarantees | submit_many tasks/s: overall | first 10% of calls "
+             "| last 10% of calls | leader RSS MiB (at start) | leader bytes per pending task "
+             "| dispatch tasks/s with them pending |", "|---|---|---|---|---|---|---|---|"]
+    for cfg, res, err in rows:
+        if not res:
+            lines.append(f"| {cfg.name} | {cfg.guarantees} | failed: {err} | | | | | |")
+            continue
+        disp = f"{res['dispatch'].median:,.0f}" if "dispatch" in res else "not run"
+        lines.append(f"| {cfg.name} | {cfg.guarantees} | {res['overall'].median:,.0f} "
+                     f"| {res['first10'].median:,.0f} | {res['last10'].median:,.0f} "
+                     f"| {res['rss_mib'].median:,.0f} ({res['rss_start_mib'].median:,.0f}) "
+                     f"| {res['bytes_per_task'].median:,.0f} | {disp} |")
+    lines.append(f"| {NOT_APPLICABLE} | | | | | | | |")
+    return "\n".join(lines)
+
+
+def persist_table(scenario: Scenario, rows: list[Row], title_args: dict) -> str:
+    lines = [f"### {scenario.title.format(**title_args)}", "",
+             "| system | guarantees | lag p50 s | lag p99 s | lag max s | rows written/s "
+             "| submitted/s | drained after load s |", "|---|---|---|---|---|---|---|---|"]
+    for cfg, res, err in rows:
+        if not res:
+            lines.append(f"| {cfg.name} | {cfg.guarantees} | failed: {err} | | | | | |")
+            continue
+        lines.append(f"| {cfg.name} | {cfg.guarantees} | {res['lag_p50'].median:.3f} "
+                     f"| {res['lag_p99'].median:.3f} | {res['lag_max'].median:.3f} "
+                     f"| {res['rows_per_s'].median:,.0f} | {res['submitted_per_s'].median:,.0f} "
+                     f"| {res['drain_s'].median:.2f} |")
+    lines.append(f"| {NOT_APPLICABLE} | | | | | | | |")
+    return "\n".join(lines)
+
+
 def render(scenario: Scenario, rows: list[Row], title_args: dict,
            without: list[str]) -> str:
     if scenario.kind == "latency":
         return latency_table(scenario, rows, title_args)
     if scenario.kind == "failover":
         return failover_table(scenario, rows, title_args, without)
+    if scenario.kind == "scale":
+        return scale_table(scenario, rows, title_args)
+    if scenario.kind == "persist":
+        return persist_table(scenario, rows, title_args)
     return table(scenario, rows, title_args)
 
 

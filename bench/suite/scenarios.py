@@ -25,7 +25,9 @@ class Scenario:
     kind: str = "rate"  # how report renders it: rate, latency or failover
 
 
-KEYS = ("e2e", "submit", "bulk", "raft", "latency", "failover")
+KEYS = ("e2e", "submit", "bulk", "raft", "latency", "failover")  # the default list
+OPT_IN = ("scale", "persist")  # DTask only, long: run only when named in --scenarios
+ALL = KEYS + OPT_IN
 QUANTILES = {"p50": 0.5, "p99": 0.99, "p99.9": 0.999}
 
 
@@ -66,6 +68,26 @@ def _failover(cfg: Config, args: argparse.Namespace) -> Result | None:
     return {k: Figure(tuple(float(r[k]) for r in runs)) for k in ("recovery_s", "acked", "lost")}
 
 
+def _scale(cfg: Config, args: argparse.Namespace) -> Result | None:
+    if not cfg.scale:
+        return None
+    r = cfg.scale(args.scale_tasks, args.scale_dispatch, args.scale_slots)
+    leader = r["rss"][r["leader"]]
+    out = {"overall": r["overall"], "first10": r["first10"], "last10": r["last10"],
+           "rss_mib": leader[0], "rss_start_mib": leader[1], "bytes_per_task": leader[2]}
+    if "dispatch" in r:
+        out["dispatch"] = r["dispatch"]
+    return {k: Figure((float(v),)) for k, v in out.items()}
+
+
+def _persist(cfg: Config, args: argparse.Namespace) -> Result | None:
+    if not cfg.persist:
+        return None
+    r = cfg.persist(args.persist_rate, args.persist_seconds)
+    keys = ("lag_p50", "lag_p99", "lag_max", "rows_per_s", "submitted_per_s", "drain_s")
+    return {k: Figure((float(r[k]),)) for k in keys}
+
+
 def _ints(text: str) -> list[int]:
     return [int(x) for x in str(text).split(",") if x.strip()]
 
@@ -95,5 +117,15 @@ def build(args: argparse.Namespace) -> list[Scenario]:
         Scenario("failover", "failover", f"Failover: leader SIGKILLed under {args.rate:g} "
                  "submissions/s from 1 client (one by one, the client's own retries)", "s",
                  "dtask", _failover, "failover"),
+        Scenario("scale", "scale", f"Scale: {args.scale_tasks:,} pending tasks (submit_many, "
+                 "5,000 per call, to a queue no worker serves), 3 schedulers" + (
+                     f"; then {args.scale_dispatch:,} no-op tasks dispatched to 1 worker "
+                     f"process x {args.scale_slots} slots on a dedicated queue while they "
+                     "wait" if args.scale_dispatch else ""), "tasks/s", "dtask", _scale,
+                 "scale"),
+        Scenario("persist", "persist", f"Write-behind persister into PostgreSQL: "
+                 f"{args.persist_rate:g} tasks/s offered for {args.persist_seconds:g} s "
+                 "(submit_many, 50 per 10 ms, no worker), 3 schedulers", "s", "dtask",
+                 _persist, "persist"),
     ]
     return out
