@@ -1,4 +1,5 @@
-"""Huey with Redis (db 5): one worker process (`huey_consumer -w 1 -k process`).
+"""Huey with Redis (db 5): W worker processes (`huey_consumer -w W -k process`), and
+its thread worker (`-k thread`: one process, W threads).
 
 Huey acknowledges a task when it dequeues it (a worker killed mid-task loses it) and
 stores results in Redis; a no-op's None result is not stored.
@@ -36,8 +37,8 @@ def _enqueue(n: int) -> None:
         noop()
 
 
-def _argv(workers: int) -> list[str]:
-    return ["huey_consumer", "bench.suite.peer_huey.huey", "-w", str(workers), "-k", "process",
+def _argv(workers: int, kind: str = "process") -> list[str]:
+    return ["huey_consumer", "bench.suite.peer_huey.huey", "-w", str(workers), "-k", kind,
             "-C", "-q"]
 
 
@@ -45,6 +46,15 @@ def _e2e(n: int, runs: int, workers: int = 1) -> list[float]:
     redisdb.flush()
     try:
         return drain_rates(_argv(workers), _enqueue, mark, n, runs)
+    finally:
+        redisdb.flush()
+
+
+def _e2e_threads(n: int, runs: int, workers: int = 1) -> list[float]:
+    """One consumer process with W threads (Huey's thread worker)."""
+    redisdb.flush()
+    try:
+        return drain_rates(_argv(workers, "thread"), _enqueue, mark, n, runs)
     finally:
         redisdb.flush()
 
@@ -81,4 +91,6 @@ def configs() -> list[Config]:
     return [Config("huey", "huey", "RedisHuey, W worker processes",
                    f"1 node, {redisdb.persistence()}, acked on dequeue",
                    e2e=_e2e, submit_one=_submit_one, latency=_latency,
-                   submit_clients=_submit_clients)]
+                   submit_clients=_submit_clients),
+            Config("huey", "huey threads", "RedisHuey, 1 process with W worker threads",
+                   f"1 node, {redisdb.persistence()}, acked on dequeue", e2e=_e2e_threads)]
