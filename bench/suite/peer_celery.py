@@ -12,7 +12,7 @@ import os
 
 from celery import Celery
 
-from bench.suite import latency, parallel, redisdb
+from bench.suite import latency, redisdb
 from bench.suite.drain import drain_rates, timed_rate
 from bench.suite.mark import write_mark
 from bench.suite.model import Config
@@ -57,25 +57,19 @@ def _env(durable: bool) -> dict[str, str]:
 
 
 def _e2e(durable: bool) -> object:
+    @redisdb.flushed
     def run(n: int, runs: int, workers: int = 1) -> list[float]:
-        redisdb.flush()
-        try:
-            return drain_rates(_argv(workers), _enqueue, lambda path: mark.apply_async((path,)),
-                               n, runs, env=_env(durable))
-        finally:
-            redisdb.flush()
+        return drain_rates(_argv(workers), _enqueue, lambda path: mark.apply_async((path,)),
+                           n, runs, env=_env(durable))
     return run
 
 
 def _latency(durable: bool) -> object:
+    @redisdb.flushed
     def run(rate: float, count: int, runs: int) -> list[list[float]]:
-        redisdb.flush()
-        try:
-            return latency.delays(_argv(1), lambda path, i: stamp.apply_async((path, i)),
-                                  lambda path: mark.apply_async((path,)), rate, count, runs,
-                                  env=_env(durable))
-        finally:
-            redisdb.flush()
+        return latency.delays(_argv(1), lambda path, i: stamp.apply_async((path, i)),
+                              lambda path: mark.apply_async((path,)), rate, count, runs,
+                              env=_env(durable))
     return run
 
 
@@ -83,33 +77,15 @@ def _one_client(seconds: float) -> float:
     return timed_rate(seconds, lambda: (noop.apply_async(), 1)[1])
 
 
-def _submit_one(seconds: float) -> float:
-    redisdb.flush()
-    try:
-        return _one_client(seconds)
-    finally:
-        redisdb.flush()
-
-
-def _submit_clients(seconds: float, clients: int) -> float:
-    redisdb.flush()
-    try:
-        return parallel.summed_rate(_one_client, seconds, clients)
-    finally:
-        redisdb.flush()
-
-
 def configs() -> list[Config]:
     store = redisdb.persistence()
     return [
         Config("celery", "celery default", "Redis broker, prefork -c W, prefetch 4",
                f"1 node, {store}, acked on receipt", e2e=_e2e(False),
-               submit_one=_submit_one, latency=_latency(False),
-               submit_clients=_submit_clients),
+               latency=_latency(False), **redisdb.submitters(_one_client)),
         Config("celery", "celery acks_late", "Redis broker, prefork -c W, prefetch 1",
                f"1 node, {store}, ack-late", e2e=_e2e(True), latency=_latency(True),
                # Submitting is the same as for the default row; with --durable-redis
                # this is Celery's only row, so it submits too.
-               submit_one=_submit_one if redisdb.DURABLE else None,
-               submit_clients=_submit_clients if redisdb.DURABLE else None),
+               **(redisdb.submitters(_one_client) if redisdb.DURABLE else {})),
     ]

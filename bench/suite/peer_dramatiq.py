@@ -9,7 +9,7 @@ from __future__ import annotations
 import dramatiq
 from dramatiq.brokers.redis import RedisBroker
 
-from bench.suite import latency, parallel, redisdb
+from bench.suite import latency, redisdb
 from bench.suite.drain import drain_rates, timed_rate
 from bench.suite.mark import write_mark
 from bench.suite.model import Config
@@ -43,44 +43,22 @@ def _argv(workers: int) -> list[str]:
             "-Q", "bench"]
 
 
+@redisdb.flushed
 def _e2e(n: int, runs: int, workers: int = 1) -> list[float]:
-    redisdb.flush()
-    try:
-        return drain_rates(_argv(workers), _enqueue, mark.send, n, runs)
-    finally:
-        redisdb.flush()
+    return drain_rates(_argv(workers), _enqueue, mark.send, n, runs)
 
 
+@redisdb.flushed
 def _latency(rate: float, count: int, runs: int) -> list[list[float]]:
-    redisdb.flush()
-    try:
-        return latency.delays(_argv(1), stamp.send, mark.send, rate, count, runs)
-    finally:
-        redisdb.flush()
+    return latency.delays(_argv(1), stamp.send, mark.send, rate, count, runs)
 
 
 def _one_client(seconds: float) -> float:
     return timed_rate(seconds, lambda: (noop.send(), 1)[1])
 
 
-def _submit_one(seconds: float) -> float:
-    redisdb.flush()
-    try:
-        return _one_client(seconds)
-    finally:
-        redisdb.flush()
-
-
-def _submit_clients(seconds: float, clients: int) -> float:
-    redisdb.flush()
-    try:
-        return parallel.summed_rate(_one_client, seconds, clients)
-    finally:
-        redisdb.flush()
-
-
 def configs() -> list[Config]:
     return [Config("dramatiq", "dramatiq", "Redis broker, W processes x 1 thread",
                    f"1 node, {redisdb.persistence()}, ack-late",
-                   e2e=_e2e, submit_one=_submit_one, latency=_latency,
-                   submit_clients=_submit_clients)]
+                   e2e=_e2e, latency=_latency,
+                   **redisdb.submitters(_one_client))]

@@ -5,7 +5,7 @@ it runs, so a killed worker's job is found again only after its timeout.
 
 from __future__ import annotations
 
-from bench.suite import latency, parallel, procs, redisdb
+from bench.suite import latency, procs, redisdb
 from bench.suite.drain import drain_rates, timed_rate
 from bench.suite.mark import write_mark
 from bench.suite.model import Config
@@ -47,27 +47,20 @@ def _argv(worker_class: str, workers: int) -> list[str]:
 
 
 def _e2e(worker_class: str):  # noqa: ANN202
+    @redisdb.flushed
     def run(n: int, runs: int, workers: int = 1) -> list[float]:
-        redisdb.flush()
         q = _queue()
-        try:
-            return drain_rates(_argv(worker_class, workers), lambda k: _enqueue_many(q, k),
-                               lambda path: q.enqueue(mark, path), n, runs)
-        finally:
-            redisdb.flush()
+        return drain_rates(_argv(worker_class, workers), lambda k: _enqueue_many(q, k),
+                           lambda path: q.enqueue(mark, path), n, runs)
     return run
 
 
 def _latency(worker_class: str):  # noqa: ANN202
+    @redisdb.flushed
     def run(rate: float, count: int, runs: int) -> list[list[float]]:
-        redisdb.flush()
         q = _queue()
-        try:
-            return latency.delays(_argv(worker_class, 1),
-                                  lambda path, i: q.enqueue(stamp, path, i),
-                                  lambda path: q.enqueue(mark, path), rate, count, runs)
-        finally:
-            redisdb.flush()
+        return latency.delays(_argv(worker_class, 1), lambda path, i: q.enqueue(stamp, path, i),
+                              lambda path: q.enqueue(mark, path), rate, count, runs)
     return run
 
 
@@ -76,43 +69,22 @@ def _one_client(seconds: float) -> float:
     return timed_rate(seconds, lambda: (q.enqueue(noop), 1)[1])
 
 
-def _submit_one(seconds: float) -> float:
-    redisdb.flush()
-    try:
-        return _one_client(seconds)
-    finally:
-        redisdb.flush()
-
-
-def _submit_clients(seconds: float, clients: int) -> float:
-    redisdb.flush()
-    try:
-        return parallel.summed_rate(_one_client, seconds, clients)
-    finally:
-        redisdb.flush()
-
-
+@redisdb.flushed
 def _submit_bulk(seconds: float) -> float:
-    redisdb.flush()
     q = _queue()
-    try:
-        return timed_rate(seconds, lambda: _enqueue_many(q, BULK))
-    finally:
-        redisdb.flush()
+    return timed_rate(seconds, lambda: _enqueue_many(q, BULK))
 
 
 def configs() -> list[Config]:
     store = f"1 node, {redisdb.persistence()}, job in started registry"
     return [
         Config("rq", "rq Worker", "forking Worker (fork per job), W processes", store,
-               e2e=_e2e("rq.worker.Worker"), submit_one=_submit_one,
-               submit_bulk=_submit_bulk, latency=_latency("rq.worker.Worker"),
-               submit_clients=_submit_clients),
+               e2e=_e2e("rq.worker.Worker"), submit_bulk=_submit_bulk,
+               latency=_latency("rq.worker.Worker"), **redisdb.submitters(_one_client)),
         Config("rq", "rq SimpleWorker", "SimpleWorker (no fork), W processes", store,
                e2e=_e2e("rq.worker.SimpleWorker"), latency=_latency("rq.worker.SimpleWorker"),
                # Same client side as the Worker row; with --durable-redis this is RQ's
                # only row, so it submits too.
-               submit_one=_submit_one if redisdb.DURABLE else None,
                submit_bulk=_submit_bulk if redisdb.DURABLE else None,
-               submit_clients=_submit_clients if redisdb.DURABLE else None),
+               **(redisdb.submitters(_one_client) if redisdb.DURABLE else {})),
     ]

@@ -10,12 +10,15 @@ worker subprocesses inherit.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import shutil
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+
+from bench.suite import parallel
 
 DEFAULT_URL = "redis://127.0.0.1:6379/5"
 URL = os.environ.get("BENCH_REDIS_URL", DEFAULT_URL)
@@ -35,6 +38,25 @@ def flush() -> None:
     import redis
 
     redis.Redis.from_url(URL).flushdb()
+
+
+def flushed(fn: Callable) -> Callable:
+    """Run `fn` on an empty database and leave it empty (each measurement starts clean)."""
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        flush()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            flush()
+    return run
+
+
+def submitters(one_client: Callable[[float], float]) -> dict[str, Callable]:
+    """`submit_one` and `submit_clients` of a Config, from one client's timed loop."""
+    return {"submit_one": flushed(one_client),
+            "submit_clients": flushed(lambda seconds, clients: parallel.summed_rate(
+                one_client, seconds, clients))}
 
 
 def persistence() -> str:
