@@ -28,14 +28,16 @@ from dtask.client import Client  # noqa: E402
 BATCH = 500
 
 
-def run(kind: str, payload: dict, n: int, workers: int, per_worker: int) -> float:
+def run(kind: str, payload: dict, n: int, workers: int, per_worker: int,
+        prefetch: int | None = None) -> float:
     root = tempfile.mkdtemp(prefix="dtask-bench-")
     cluster = SchedulerCluster(root, size=3, worker_timeout=5.0)
     try:
         cluster.start_all()
         cluster.wait_leader()
         for i in range(workers):
-            cluster.start_worker(f"bench-w{i + 1}", per_worker, "--log-level", "warning")
+            extra = () if prefetch is None else ("--prefetch", str(prefetch))
+            cluster.start_worker(f"bench-w{i + 1}", per_worker, "--log-level", "warning", *extra)
         with Client(cluster.endpoints, timeout=60) as client:
             warm = client.submit_many([{"type": kind, "payload": payload}] * 20)
             for tid in warm:
@@ -60,14 +62,20 @@ def run(kind: str, payload: dict, n: int, workers: int, per_worker: int) -> floa
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tasks", type=int, default=5000)
+    ap.add_argument("--prefetch", default="default",
+                    help="comma-separated worker --prefetch values to compare, side by "
+                    "side; 'default' leaves the worker's default")
     args = ap.parse_args()
     print(f"end to end, submit -> COMPLETED, {args.tasks} tasks each (tasks/s)")
-    print(f"{'setup':<34} {'python no-op':>13} {'shell true':>11}")
+    print(f"{'setup':<34} {'prefetch':>9} {'python no-op':>13} {'shell true':>11}")
     for workers, per in ((1, 1), (1, 2), (2, 1)):
-        py = run("python", {"fn": "builtins:int"}, args.tasks, workers, per)
-        sh = run("shell", {"argv": ["/bin/true"]}, max(500, args.tasks // 5), workers, per)
-        label = f"{workers} worker(s) x concurrency {per}"
-        print(f"{label:<34} {py:>13.0f} {sh:>11.0f}")
+        for value in args.prefetch.split(","):
+            prefetch = None if value == "default" else int(value)
+            py = run("python", {"fn": "builtins:int"}, args.tasks, workers, per, prefetch)
+            sh = run("shell", {"argv": ["/bin/true"]}, max(500, args.tasks // 5), workers, per,
+                     prefetch)
+            label = f"{workers} worker(s) x concurrency {per}"
+            print(f"{label:<34} {value:>9} {py:>13.0f} {sh:>11.0f}", flush=True)
 
 
 if __name__ == "__main__":

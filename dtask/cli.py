@@ -225,16 +225,21 @@ def _csv(text: str) -> list[str]:
               show_default=True, help="Largest packed return value.")
 @click.option("--python-pool-size", type=click.IntRange(min=0), default=0,
               help="Warm Python processes.  [default: concurrency]")
+@click.option("--prefetch", type=click.IntRange(min=0), default=None,
+              help="At most this many tasks taken beyond the slots, started as slots "
+              "free up (the worker asks for what its slots finish in 20 ms, none while a "
+              "task runs longer than 50 ms); 0 turns prefetch off.  [default: 64]")
 @click.option("--log-level", default="info", show_default=True)
 def worker(endpoints: str, worker_id: str | None, concurrency: int | None, queues: str,
            labels: str, executors: str, imports: tuple[str, ...], heartbeat_interval: float,
            drain_timeout: float, kill_grace: float, ack_timeout: float, max_log_bytes: int,
-           max_result_bytes: int, python_pool_size: int, log_level: str) -> None:
+           max_result_bytes: int, python_pool_size: int, prefetch: int | None,
+           log_level: str) -> None:
     """Run a worker: execute the tasks the scheduler leader pushes to it."""
     from .worker import WorkerConfig, run_worker
 
     _setup_logging(log_level)
-    optional = {"worker_id": worker_id, "concurrency": concurrency}
+    optional = {"worker_id": worker_id, "concurrency": concurrency, "prefetch": prefetch}
     try:
         cfg = WorkerConfig(
             endpoints=_csv(endpoints), queues=_csv(queues), labels=_csv(labels),

@@ -258,6 +258,24 @@ def test_dispatch_spreads_load_to_most_free_slots(h):
     assert [x[2] for x in leases[:2]] == ["a", "a"]  # a had more free slots at first
 
 
+def test_a_worker_asking_for_prefetch_gets_tasks_beyond_its_slots_until_it_stops(h):
+    for i in range(10):
+        h.submit(wire(f"t{i}"))
+    d = make_dispatcher(h)
+    w = d.register(worker("w", credits=2))
+    w.report_credits(5, prefetch=3)  # 2 free slots + 3 prefetched
+    assert [x[0] for x in d.assign(T0)] == ["t0", "t1", "t2", "t3", "t4"]
+    assert w.free() == 0 and d.assign(T0) == []
+    # a task turned long: it asks for no prefetch; its 5 held tasks cover its 2 slots
+    w.report_credits(0, prefetch=0)
+    w.assigned -= {"t0", "t1", "t2"}  # three results arrived
+    assert w.free() == 0 and not w.draining and d.assign(T0) == []
+    w.assigned.discard("t3")
+    assert [x[0] for x in d.assign(T0)] == ["t5"]
+    w.report_credits(1)  # an older worker says nothing of prefetch: the last word stands
+    assert w.prefetch == 0 and w.capacity() == 2
+
+
 def test_scheduled_tasks_wait_for_their_timer(h):
     h.submit(wire("later", run_at=T0 + 2_000_000))
     d = make_dispatcher(h)

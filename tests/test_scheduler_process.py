@@ -117,6 +117,28 @@ def test_worker_sigkill_mid_task_reruns_elsewhere(cluster, client):
     assert task["attempts"][0]["outcome"] == p.LOST
 
 
+def test_prefetched_tasks_of_a_sigkilled_worker_run_elsewhere(cluster, client):
+    """A worker whose tasks are quick takes tasks beyond its slot (prefetch); killed
+    with them still waiting, it loses none: their leases expire and they rerun."""
+    w1 = cluster.start_worker("w1", 1, "--import", "tests.tasks")
+    quick = {"type": "python", "payload": {"fn": "tests.tasks:noop"}}
+    wait_all(client, client.submit_many([quick] * 20))  # w1 learns its tasks are quick
+    # one call: the leader pushes all six at once, the long one first (priority)
+    long, *queued = client.submit_many(
+        [{"type": "shell", "payload": {"cmd": "sleep 30"}, "priority": 5}] + [quick] * 5)
+    deadline = time.monotonic() + 15
+    while any(client.status(t)["status"] != p.RUNNING for t in [long, *queued]):
+        assert time.monotonic() < deadline, "w1 never held all six (one running, five waiting)"
+        time.sleep(0.02)
+    w1.send_signal(signal.SIGKILL)
+    cluster.start_worker("w2", 1, "--import", "tests.tasks")
+    client.cancel(long)  # no need to wait 30 s for it on w2
+    for task in wait_all(client, queued):
+        assert task["status"] == p.COMPLETED
+        assert [(a["worker"], a["outcome"]) for a in task["attempts"]] == [
+            ("w1", p.LOST), ("w2", p.SUCCEEDED)]
+
+
 def test_leader_sigkill_during_a_submit_stream_loses_nothing(cluster, client):
     """10,000 tasks submitted in batches with idempotency keys while the leader dies:
     every acknowledged task completes, and no key yields two tasks."""

@@ -93,16 +93,20 @@ def test_skips_an_endpoint_that_does_not_answer(fakes: list[FakeScheduler]) -> N
 
 def test_sigterm_drains_reports_and_says_bye(fakes: list[FakeScheduler]) -> None:
     fake = fakes[0]
-    worker = WorkerProcess([fake.endpoint], "--concurrency", "3", "--drain-timeout", "1.0",
+    worker = WorkerProcess([fake.endpoint], "--concurrency", "2", "--drain-timeout", "1.5",
                            "--kill-grace", "0.3", *FAST)
     fake.wait_for(lambda: fake.messages(p.HEARTBEAT), 10, "heartbeats")
     pid_task = task("dr-0", "python", {"fn": "os:getpid"})
     fake.run(pid_task)
     pool_pid = msgpack.unpackb(fake.wait_result("dr-0")["result"])
-    fake.run(task("dr-short", "shell", {"cmd": "sleep 0.4; echo short done"}),
-             task("dr-long", "shell", {"cmd": "echo started; sleep 30"}))
+    fake.run(task("dr-short", "shell", {"cmd": "sleep 0.8; echo short done"}),
+             task("dr-long", "shell", {"cmd": "echo started; sleep 30"}),
+             task("dr-queued", "shell", {"cmd": "echo queued ran"}))  # prefetched: no slot
     fake.wait_for(lambda: fake.log_chunks("dr-long"), 5, "dr-long to start")
     worker.proc.send_signal(signal.SIGTERM)
+    queued = fake.wait_result("dr-queued")  # handed back at once, never run: retry elsewhere
+    assert queued["outcome"] == p.REJECTED and queued["error"] == "worker shutting down"
+    assert queued["log"] == b"" and not fake.results("dr-short")
     n = len(fake.messages())
     fake.wait_for(lambda: [m for m in fake.messages()[n:]
                            if m["t"] == p.HEARTBEAT and m["credits"] == 0], 5, "credits 0")

@@ -24,6 +24,7 @@ from dtask.worker.testing import FakeScheduler, WorkerProcess, task
 pytestmark = pytest.mark.slow
 
 CONCURRENCY = 3
+PREFETCH = 2
 MAX_LOG = 8192
 KILL_GRACE = 0.5
 
@@ -118,6 +119,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
     fake = FakeScheduler().start()
     worker = WorkerProcess(
         [fake.endpoint], "--id", "w-exec", "--concurrency", str(CONCURRENCY),
+        "--prefetch", str(PREFETCH),
         "--executor", "shell,python,http,docker", "--import", "dtask_test_tasks",
         "--label", "gpu", "--queue", "default,fast", "--heartbeat-interval", "0.1",
         "--kill-grace", str(KILL_GRACE), "--max-log-bytes", str(MAX_LOG),
@@ -183,15 +185,26 @@ def test_registers_with_its_capabilities_and_heartbeats_credits(env: dict) -> No
     assert reg["queues"] == ["default", "fast"] and reg["labels"] == ["gpu"]
     assert reg["pid"] == env["worker"].proc.pid and reg["running"] == []
     idle = fake.messages(p.HEARTBEAT)[-1]
-    assert idle["credits"] == CONCURRENCY and idle["running"] == []
+    # no task measured yet: it asks for no prefetch (tasks beyond its slots) until it
+    # knows its tasks are short
+    assert idle["prefetch"] == 0 and idle["credits"] == CONCURRENCY and idle["running"] == []
+    for i in range(5):
+        run(env, f"hb-quick-{i}", "python", {"fn": "add", "args": [i, 1]})
+    n = len(fake.messages(p.HEARTBEAT))
+    fake.wait_for(lambda: len(fake.messages(p.HEARTBEAT)) > n, 5, "a heartbeat")
+    quick = fake.messages(p.HEARTBEAT)[-1]
+    assert quick["prefetch"] == PREFETCH and quick["credits"] == CONCURRENCY + PREFETCH
     fake.run(task("hb-1", "shell", {"cmd": "sleep 0.6"}))
     busy = fake.wait_for(lambda: [h for h in fake.messages(p.HEARTBEAT)
                                   if h["running"] == [["hb-1", 1]]], 5, "a busy heartbeat")
-    assert busy[0]["credits"] == CONCURRENCY - 1
+    # a task running for longer than 50 ms stops prefetch: only the free slots are left
+    assert busy[-1]["prefetch"] == 0 and busy[-1]["credits"] == CONCURRENCY - 1
     fake.wait_result("hb-1")
     n = len(fake.messages(p.HEARTBEAT))
     fake.wait_for(lambda: len(fake.messages(p.HEARTBEAT)) >= n + 3, 5, "more heartbeats")
-    assert fake.messages(p.HEARTBEAT)[-1]["credits"] == CONCURRENCY
+    # idle again: prefetch follows the median task, still a quick one
+    last = fake.messages(p.HEARTBEAT)[-1]
+    assert last["prefetch"] == PREFETCH and last["credits"] == CONCURRENCY + PREFETCH
 
 
 def test_unknown_worker_makes_it_register_again(env: dict) -> None:
@@ -425,18 +438,58 @@ def test_logs_are_truncated_with_a_marker(env: dict) -> None:
 
 # -- slots, duplicates, malformed input ----------------------------------------------
 
-def test_concurrency_limit_extra_tasks_come_back_lost(env: dict) -> None:
+def test_slots_and_prefetch_limit_what_runs_and_waits_and_the_rest_is_rejected(
+        env: dict) -> None:
     fake = env["fake"]
-    tasks = [task(f"cc-{i}", "shell", {"cmd": "sleep 0.4"}) for i in range(CONCURRENCY + 1)]
+    held = CONCURRENCY + PREFETCH
+    tasks = [task(f"cc-{i}", "shell", {"cmd": "sleep 0.2"}) for i in range(held + 1)]
     fake.run(*tasks)
-    extra = fake.wait_result(f"cc-{CONCURRENCY}")
+    extra = fake.wait_result(f"cc-{held}")
     assert extra["outcome"] == p.REJECTED and "no free slot" in extra["error"]
     full = fake.wait_for(lambda: [h for h in fake.messages(p.HEARTBEAT)
-                                  if len(h["running"]) == CONCURRENCY], 5, "a full heartbeat")
-    assert full[0]["credits"] == 0
+                                  if len(h["running"]) == held], 5, "a full heartbeat")
+    assert full[0]["credits"] == 0  # prefetched tasks are reported as held (its leases)
+    results = [fake.wait_result(f"cc-{i}") for i in range(held)]
+    assert all(r["outcome"] == p.SUCCEEDED for r in results)
+    # never more than CONCURRENCY at once: the prefetched ones started as slots freed
+    events = sorted([(r["started_us"], 1) for r in results]
+                    + [(r["finished_us"], -1) for r in results])
+    running = peak = 0
+    for _, step in events:
+        running += step
+        peak = max(peak, running)
+    assert peak == CONCURRENCY
+    assert sorted(r["started_us"] for r in results)[CONCURRENCY] >= min(
+        r["finished_us"] for r in results)
+
+
+def test_a_prefetched_task_stuck_behind_long_ones_is_handed_back(env: dict) -> None:
+    fake = env["fake"]
+    fake.run(*[task(f"hb-long-{i}", "shell", {"cmd": "sleep 1.5"}) for i in range(CONCURRENCY)],
+             task("hb-wait", "shell", {"cmd": "echo ran"}))
+    sent = time.monotonic()
+    res = fake.wait_result("hb-wait", 5)
+    waited = time.monotonic() - sent
+    # rejected (not run): the leader queues it again at once, without using a retry
+    assert res["outcome"] == p.REJECTED and "handed back" in res["error"] and res["log"] == b""
+    assert 0.45 <= waited < 1.4, waited  # after PREFETCH_HAND_BACK, before a slot freed
     for i in range(CONCURRENCY):
-        assert fake.wait_result(f"cc-{i}")["outcome"] == p.SUCCEEDED
-    assert max(len(h["running"]) for h in fake.messages(p.HEARTBEAT)) <= CONCURRENCY
+        assert fake.wait_result(f"hb-long-{i}", 5)["outcome"] == p.SUCCEEDED
+
+
+def test_cancel_of_a_prefetched_task_reports_it_killed_without_running_it(env: dict) -> None:
+    fake = env["fake"]
+    fake.run(*[task(f"ck-long-{i}", "shell", {"cmd": "sleep 0.4"}) for i in range(CONCURRENCY)],
+             task("ck-wait", "shell", {"cmd": "echo ran"}))
+    fake.wait_for(lambda: [h for h in fake.messages(p.HEARTBEAT)
+                           if ["ck-wait", 1] in h["running"]], 5, "the prefetched task held")
+    fake.kill("ck-wait")
+    res = fake.wait_result("ck-wait", 5)
+    assert res["outcome"] == p.KILLED and "before it started" in res["error"]
+    assert res["log"] == b""
+    for i in range(CONCURRENCY):
+        assert fake.wait_result(f"ck-long-{i}", 5)["outcome"] == p.SUCCEEDED
+    assert len(fake.results("ck-wait")) == 1
 
 
 def test_a_duplicate_run_of_a_running_attempt_is_ignored(env: dict) -> None:

@@ -132,10 +132,10 @@ def test_outbox_keeps_until_acked_and_reports_due_resends() -> None:
 
 def test_config_defaults_and_validation() -> None:
     cfg = WorkerConfig(["tcp://127.0.0.1:1"], concurrency=3)
-    assert cfg.python_pool_size == 3 and cfg.queues == ["default"]
+    assert cfg.python_pool_size == 3 and cfg.queues == ["default"] and cfg.prefetch == 64
     assert cfg.max_log_bytes == p.MAX_LOG and cfg.max_result_bytes == p.MAX_RESULT
     assert cfg.worker_id.endswith(f"-{__import__('os').getpid()}")
     for bad in ({"endpoints": []}, {"endpoints": ["127.0.0.1:1"]}, {"concurrency": 0},
-                {"queues": ["a b"]}):
+                {"queues": ["a b"]}, {"prefetch": -1}):
         with pytest.raises(ValueError):
             WorkerConfig(**{"endpoints": ["tcp://127.0.0.1:1"], **bad})  # type: ignore[arg-type]

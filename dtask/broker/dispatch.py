@@ -32,6 +32,7 @@ class WorkerInfo:
     host: str = ""
     pid: int = 0
     concurrency: int = 0
+    prefetch: int = 0  # tasks it takes beyond its slots right now (it says so in each report)
     queues: frozenset[str] = frozenset()
     labels: frozenset[str] = frozenset()
     executors: frozenset[str] = frozenset()
@@ -46,14 +47,21 @@ class WorkerInfo:
     drain_requested: bool = False  # an operator asked it to drain: never again
     missing: set[str] = field(default_factory=set)  # leased here, absent from a heartbeat
 
+    def capacity(self) -> int:
+        return self.concurrency + self.prefetch
+
     def free(self) -> int:
         if self.draining or self.drain_requested:
             return 0
-        return self.concurrency - len(self.assigned)
+        return self.capacity() - len(self.assigned)
 
-    def report_credits(self, credits: int) -> None:
-        """The worker's own count of free slots: only ever used to stop sending."""
-        self.draining = credits == 0 and len(self.assigned) < self.concurrency
+    def report_credits(self, credits: int, prefetch: int | None = None) -> None:
+        """The worker's own count of free slots: only ever used to stop sending.
+        `prefetch` (absent from older workers) is how many tasks it now takes beyond
+        its slots: it asks for none while its tasks are long."""
+        if prefetch is not None:
+            self.prefetch = prefetch
+        self.draining = credits == 0 and len(self.assigned) < self.capacity()
 
     def serves(self, route: Route) -> bool:
         queue, labels, ttype = route

@@ -54,7 +54,7 @@ class WorkerDesk:
         worker.last_seen = time.monotonic()
         worker.ident = ident
         if t == p.HEARTBEAT:
-            worker.report_credits(p.get_int(msg, "credits", lo=0, hi=100_000))
+            self._credits(worker, msg)
             self._check_running(worker, msg.get("running"))
             srv.send(ident, p.reply(p.HEARTBEAT_ACK, rid))
         elif t == p.RESULT:
@@ -81,7 +81,8 @@ class WorkerDesk:
             raise p.ProtocolError(p.BAD_REQUEST, "field running must be [[task_id, attempt]]")
         known = self.server.dispatcher.workers.get(worker_id)
         info = self.server.dispatcher.register(info, {r[0] for r in running})
-        info.report_credits(p.get_int(msg, "credits", info.free(), lo=0, hi=100_000))
+        if "credits" in msg:
+            self._credits(info, msg)
         self.server.send(ident, p.reply(p.REGISTERED, rid,
                                         heartbeat_interval=self.server.cfg.heartbeat_interval,
                                         worker_timeout=self.server.cfg.worker_timeout))
@@ -91,6 +92,11 @@ class WorkerDesk:
         log.log(level, "event=worker_registered worker=%s host=%s pid=%d concurrency=%d "
                 "queues=%s", worker_id, info.host, info.pid, info.concurrency,
                 ",".join(sorted(info.queues)))
+
+    @staticmethod
+    def _credits(worker: WorkerInfo, msg: dict) -> None:
+        prefetch = p.get_int(msg, "prefetch", 0, lo=0, hi=100_000) if "prefetch" in msg else None
+        worker.report_credits(p.get_int(msg, "credits", lo=0, hi=100_000), prefetch)
 
     def _reconcile(self, worker: WorkerInfo, running: list) -> None:
         """Kill attempts a worker runs that the state no longer gives it, or that were
@@ -140,7 +146,7 @@ class WorkerDesk:
             raise p.ProtocolError(p.BAD_REQUEST, "fields result and log must be binary")
         worker.assigned.discard(task_id)  # its slot is free as of now
         if "credits" in msg:
-            worker.report_credits(p.get_int(msg, "credits", lo=0, hi=100_000))
+            self._credits(worker, msg)
         task = self.server.state.get(task_id)
         now_us = time.time_ns() // 1000
         # The backoff follows the reported attempt: with dispatch ahead of the lease's

@@ -26,7 +26,7 @@ def parse_args(argv: list[str]) -> tuple[WorkerConfig, str]:
                  "drain_timeout", "ack_timeout", "kill_grace", "log_flush_interval"):
         ap.add_argument("--" + name.replace("_", "-"), type=float, dest=name)
     for name in ("max_log_bytes", "max_result_bytes", "max_outbox", "python_pool_size",
-                 "log_flush_bytes"):
+                 "log_flush_bytes", "prefetch"):
         ap.add_argument("--" + name.replace("_", "-"), type=int, dest=name)
     ap.add_argument("--log-level", default="info")
     ns = vars(ap.parse_args(argv))

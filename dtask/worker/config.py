@@ -40,6 +40,10 @@ class WorkerConfig:
     max_result_bytes: int = protocol.MAX_RESULT
     max_outbox: int = 1000  # unacknowledged results before the worker stops taking tasks
     python_pool_size: int = 0  # 0: same as concurrency
+    # Tasks taken beyond the slots, started as slots free up: the next task is already
+    # here when one ends, instead of a round trip to the leader away. Only asked for
+    # while the running tasks are short (see runner.PREFETCH_WHILE_UNDER).
+    prefetch: int = 64  # at most this many (the worker asks for fewer: see runner); 0: off
     log_flush_interval: float = 0.1  # stream a running task's output this often...
     log_flush_bytes: int = 64 << 10  # ...or as soon as this much is waiting
 
@@ -60,6 +64,8 @@ class WorkerConfig:
                              f"known: {', '.join(EXECUTORS)}")
         if self.concurrency < 1:
             raise ValueError("concurrency must be at least 1")
+        if self.prefetch < 0:
+            raise ValueError("prefetch must not be negative")
         if self.python_pool_size <= 0:
             self.python_pool_size = self.concurrency
         if self.heartbeat_interval <= 0:

@@ -12,7 +12,7 @@ import os
 import signal
 import socket
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,6 +34,20 @@ log = logging.getLogger("dtask.worker.runner")
 MAX_ERROR = 4096  # characters of an error message sent with a result
 RECENT = 10_000  # finished attempts remembered, so a repeated `run` does not run them again
 SHUTTING_DOWN = "worker shutting down"
+# Prefetch pays where a slot would otherwise wait for the leader's round trip (~1 ms):
+# short tasks. A worker asks for about as many tasks as its slots finish in
+# PREFETCH_HORIZON (from the median of its last PREFETCH_SAMPLES tasks' durations: the
+# first call into a cold pool must not hold it back for long), so a prefetched task
+# waits about that long; none while one of its running tasks is older than
+# PREFETCH_WHILE_UNDER. A task that waited longer than PREFETCH_HAND_BACK anyway is
+# handed back (as `rejected`: it goes back to the queue at once, without using a retry),
+# so it does not sit behind a long one while another worker is free. Hand-back plus the
+# kill grace stays well inside the leader's lease grace (10 s), so a waiting task's
+# lease cannot expire before it starts.
+PREFETCH_HORIZON = 0.02
+PREFETCH_SAMPLES = 15
+PREFETCH_WHILE_UNDER = 0.05
+PREFETCH_HAND_BACK = 0.5
 
 
 def now_us() -> int:
@@ -67,6 +81,7 @@ class Worker:
                                config.imports) if use_pool else None
         self.executors = build(config.executors, Context(config, self.reactor, self.pool))
         self.jobs: dict[Key, Job] = {}
+        self.waiting: OrderedDict[Key, tuple[dict, float]] = OrderedDict()  # prefetched
         self.outbox = Outbox(config.max_outbox)
         self.recent: OrderedDict[Key, None] = OrderedDict()  # finished (and maybe acked)
         self.conn = Connection(self.zctx, config, self.reactor, on_message=self._on_message,
@@ -80,28 +95,51 @@ class Worker:
         self.next_flush = 0.0
         self.next_resend = 0.0
         self.signals = 0
+        self.told_prefetch = 0  # the prefetch the leader last heard from us
+        self.durations: deque[float] = deque(maxlen=PREFETCH_SAMPLES)  # s a slot was held
         self.signals_seen = 0
 
     # -- what the scheduler is told -----------------------------------------------
 
+    def prefetch(self) -> int:
+        """How many tasks beyond its slots the worker takes now: what its slots finish
+        in PREFETCH_HORIZON, and none while a running task is long."""
+        c = self.config
+        if not c.prefetch or self.draining:
+            return 0
+        young = now_us() - int(PREFETCH_WHILE_UNDER * 1e6)
+        if any(job.started_us < young for job in self.jobs.values()):
+            return 0
+        if not self.durations:  # nothing measured yet: its tasks may be long ones
+            return 0
+        typical = sorted(self.durations)[len(self.durations) // 2]
+        return min(c.prefetch, int(c.concurrency * PREFETCH_HORIZON / typical))
+
+    def _prefetch_told(self) -> int:
+        self.told_prefetch = self.prefetch()
+        return self.told_prefetch
+
     def credits(self) -> int:
         if self.draining or self.outbox.full():
             return 0
-        return max(0, self.config.concurrency - len(self.jobs))
+        return max(0, self.config.concurrency + self.prefetch()
+                   - len(self.jobs) - len(self.waiting))
 
     def _running(self) -> list[list]:
-        return [[task_id, attempt] for task_id, attempt in self.jobs]
+        """Every attempt the worker holds, prefetched ones included: its leases."""
+        return [[task_id, attempt] for task_id, attempt in [*self.jobs, *self.waiting]]
 
     def _registration(self) -> dict:
         c = self.config
         return {"worker_id": c.worker_id, "host": self.host, "pid": os.getpid(),
                 "concurrency": c.concurrency, "queues": list(c.queues),
                 "labels": list(c.labels), "executors": list(self.executors),
-                "running": self._running(), "credits": self.credits()}  # 0 while draining
+                "running": self._running(), "credits": self.credits(),  # 0 while draining
+                "prefetch": self._prefetch_told()}
 
     def _heartbeat(self) -> dict:
         return {"worker_id": self.config.worker_id, "credits": self.credits(),
-                "running": self._running()}
+                "prefetch": self._prefetch_told(), "running": self._running()}
 
     def _on_registered(self, changed: bool) -> None:
         now = time.monotonic()
@@ -120,7 +158,7 @@ class Worker:
                 now = time.monotonic()
                 for raw in tasks:  # one bad entry must not cost the others their run
                     try:
-                        self._start(raw, now)
+                        self._accept(raw, now)
                     except p.ProtocolError as exc:
                         log.warning("event=bad_task endpoint=%s error=%r", ep, exc.message)
             elif t == p.KILL:
@@ -157,6 +195,8 @@ class Worker:
 
     def _on_kill(self, msg: dict) -> None:
         key = (p.task_id_of(msg), p.get_int(msg, "attempt", lo=0))
+        if self.waiting.pop(key, None) is not None:
+            return self._report(key, p.KILLED, "cancelled on request before it started")
         job = self.jobs.get(key)
         if job is None:
             log.info("event=kill_ignored task_id=%s attempt=%d reason=not_running", *key)
@@ -173,18 +213,37 @@ class Worker:
 
     # -- running tasks ------------------------------------------------------------
 
-    def _start(self, raw: Any, now: float) -> None:
+    def _accept(self, raw: Any, now: float) -> None:
+        """A task pushed to us: start it, keep it for the next free slot, or refuse it."""
         if not isinstance(raw, dict):
             raise p.ProtocolError(p.BAD_REQUEST, "run: each task must be a map")
         key = (p.task_id_of(raw), p.get_int(raw, "attempt", lo=0))
-        if key in self.jobs or key in self.recent:
+        if key in self.jobs or key in self.waiting or key in self.recent:
             log.info("event=duplicate_run task_id=%s attempt=%d", *key)
             return
+        c = self.config
         if self.draining:
-            return self._report(key, p.REJECTED, SHUTTING_DOWN)
-        if len(self.jobs) >= self.config.concurrency:
-            return self._report(key, p.REJECTED, f"worker {self.config.worker_id} has no free slot"
-                                f" (concurrency {self.config.concurrency})")
+            self._report(key, p.REJECTED, SHUTTING_DOWN)
+        elif len(self.jobs) < c.concurrency:
+            self._start(key, raw, now)
+        elif len(self.waiting) < c.prefetch:
+            self.waiting[key] = (raw, now)
+        else:
+            self._report(key, p.REJECTED, f"worker {c.worker_id} has no free slot "
+                         f"(concurrency {c.concurrency}, prefetch {c.prefetch})")
+
+    def _start_waiting(self, now: float) -> None:
+        while self.waiting and len(self.jobs) < self.config.concurrency:
+            key, (raw, _) = self.waiting.popitem(last=False)
+            self._start(key, raw, now)
+
+    def _hand_back(self, keys: list[Key], why: str) -> None:
+        """Prefetched tasks that will not start here soon go back to the leader's queue."""
+        for key in keys:
+            del self.waiting[key]
+            self._report(key, p.REJECTED, why)
+
+    def _start(self, key: Key, raw: dict, now: float) -> None:
         try:
             kind = p.get_str(raw, "type", max_len=64)
             content_type = p.get_str(raw, "content_type", p.JSON, max_len=100)
@@ -241,16 +300,21 @@ class Worker:
 
     def _finished(self, job: Job, fin: Finished) -> None:
         self.jobs.pop(job.key, None)
+        ended = now_us()
+        self.durations.append(max(1e-6, (ended - job.started_us) / 1e6))
+        self._start_waiting(time.monotonic())  # before the report: its credits count it
         outcome, error = fin.outcome, fin.error
         if job.stop_outcome:  # the worker's decision wins over how the process ended
             outcome = job.stop_outcome
             error = f"{job.stop_error} ({fin.error})" if fin.error else job.stop_error
         self._report(job.key, outcome, error, exit_code=fin.exit_code, result=fin.result,
-                     log_data=job.log.value(), started_us=fin.started_us or job.started_us)
+                     log_data=job.log.value(), started_us=fin.started_us or job.started_us,
+                     finished_us=ended)
 
     def _report(self, key: Key, outcome: str, error: str, *, exit_code: int | None = None,
-                result: bytes = b"", log_data: bytes = b"", started_us: int = 0) -> None:
-        finished = now_us()
+                result: bytes = b"", log_data: bytes = b"", started_us: int = 0,
+                finished_us: int = 0) -> None:
+        finished = finished_us or now_us()
         self.recent[key] = None
         if len(self.recent) > RECENT:
             self.recent.popitem(last=False)
@@ -271,7 +335,8 @@ class Worker:
         if entry is None:
             return
         rid = self.conn.next_id()
-        if self.conn.send({**entry.msg, "id": rid, "credits": self.credits()}):
+        if self.conn.send({**entry.msg, "id": rid, "credits": self.credits(),
+                           "prefetch": self._prefetch_told()}):
             self.outbox.sent(key, rid, now)
 
     # -- timers ---------------------------------------------------------------------
@@ -291,6 +356,24 @@ class Worker:
                     due = min(due, job.kill_at)
             elif job.deadline:
                 due = min(due, job.deadline)
+        if self.told_prefetch and self.jobs:
+            # A task just became long: tell the leader at once to stop prefetching to
+            # us, so new tasks wait at the leader for whichever worker frees up first.
+            if not self.prefetch():
+                self.told_prefetch = 0  # what the heartbeat will say
+                self.conn.heartbeat_now()
+                due = now
+            else:
+                oldest_us = min(job.started_us for job in self.jobs.values())
+                due = min(due, now + (oldest_us - now_us()) / 1e6 + PREFETCH_WHILE_UNDER)
+        if self.waiting:
+            oldest = next(iter(self.waiting.values()))[1]
+            if now - oldest >= PREFETCH_HAND_BACK:
+                self._hand_back([k for k, (_, at) in self.waiting.items()
+                                 if now - at >= PREFETCH_HAND_BACK],
+                                f"handed back: waited {PREFETCH_HAND_BACK:g} s for a free slot")
+            if self.waiting:
+                due = min(due, next(iter(self.waiting.values()))[1] + PREFETCH_HAND_BACK)
         if self.jobs:
             if now >= self.next_flush:
                 for job in self.jobs.values():
@@ -334,6 +417,7 @@ class Worker:
         if not self.draining:
             self.draining = True
             self.drain_deadline = now + self.config.drain_timeout
+            self._hand_back(list(self.waiting), SHUTTING_DOWN)  # never started: retry elsewhere
             self.conn.heartbeat_now()  # credits 0, at once
             log.info("event=draining running=%d drain_timeout=%g", len(self.jobs),
                      self.config.drain_timeout)
