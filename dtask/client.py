@@ -18,6 +18,11 @@ How it works (docs/protocol.md is the reference):
   idempotency keys) are resent every time, so a retried submit never creates a
   second task. After `timeout` seconds overall the request fails with `Unavailable`.
 - `max_in_flight` bounds outstanding requests: callers block when it is reached.
+- One-task submits that queue up while the I/O thread is busy (a caller with many
+  `submit_async` in flight) go out as one multi-task submit: the scheduler's cost is
+  mostly per message. No delay is added to wait for company. If the scheduler refuses
+  such a message (BAD_REQUEST, TOO_LARGE), each task is sent again on its own, so one
+  bad task fails only its own future.
 """
 
 from __future__ import annotations
@@ -315,12 +320,15 @@ _BACKOFF_MIN, _BACKOFF_MAX = 0.005, 0.5
 _NOTHING_YET = "no attempt finished"
 _WRITES = frozenset({p.SUBMITTED, p.CANCELLED_REPLY})  # reply types of requests with effects
 _PER_TASK = 0.0001  # extra attempt time per task in a submit batch (big batches are slow)
+# submit_async calls queued while the I/O thread was busy go out as one submit message
+# of up to this many tasks / bytes: the scheduler's cost is mostly per message.
+_COALESCE_TASKS, _COALESCE_BYTES = 1000, 4 << 20
 
 
 class _Request:
     __slots__ = ("rid", "frame", "future", "convert", "expect", "deadline", "attempt",
                  "target", "state", "timer", "hops", "backoffs", "last", "leader_only",
-                 "slot")
+                 "slot", "spec", "members")
 
     def __init__(self, rid: int, frame: bytes, future: Future, convert: Callable,
                  expect: str, deadline: float, attempt: float, leader_only: bool,
@@ -340,6 +348,8 @@ class _Request:
         self.hops = 0  # immediate re-routes since the last backoff
         self.backoffs = 0
         self.last = _NOTHING_YET  # why the last attempt failed, for the error
+        self.spec = b""  # a one-task submit: its packed task, to share a message with others
+        self.members: list[_Request] = []  # a shared submit: the requests it answers
 
 
 class Client(CronMixin):
@@ -457,12 +467,15 @@ class Client(CronMixin):
         """Like `submit`, but return at once with a Future of the task id.
 
         Many submissions can be in flight on one client; when `max_in_flight` are
-        outstanding this call blocks until one completes. Validation errors are raised
-        here, not through the future.
+        outstanding this call blocks until one completes. Submissions that queue up
+        together share one message. Validation errors are raised here, not through
+        the future.
         """
-        spec = encode_task(type, payload, options, self._new_key)
-        body = {"tasks": [spec]}
-        return self._send(p.SUBMIT, body, p.SUBMITTED, _first_id, _PER_TASK)
+        packer = self._packer()
+        spec = packer.pack(encode_task(type, payload, options, self._new_key))
+        rid = next(self._ids)
+        return self._enqueue(rid, _submit_frame(packer, rid, [spec]), p.SUBMITTED, _first_id,
+                             _PER_TASK, True, spec)
 
     def submit_many(self, tasks: list[dict]) -> list[str]:
         """Submit many tasks in one round trip; their ids, in order.
@@ -668,15 +681,21 @@ class Client(CronMixin):
 
     def _send(self, msg_type: str, body: dict, expect: str, convert: Callable,
               extra: float = 0.0, leader_only: bool = True) -> Future:
-        if self._closed:
-            raise DTaskError(CLOSED, "the client is closed")
         rid = next(self._ids)
         msg = {"v": p.VERSION, "t": msg_type, "id": rid}
         msg.update(body)
+        return self._enqueue(rid, self._packer().pack(msg), expect, convert, extra, leader_only)
+
+    def _packer(self) -> msgpack.Packer:
         packer = getattr(self._tls, "packer", None)
         if packer is None:
             packer = self._tls.packer = msgpack.Packer(use_bin_type=True)
-        frame = packer.pack(msg)
+        return packer
+
+    def _enqueue(self, rid: int, frame: bytes, expect: str, convert: Callable, extra: float,
+                 leader_only: bool, spec: bytes = b"") -> Future:
+        if self._closed:
+            raise DTaskError(CLOSED, "the client is closed")
         if len(frame) > p.MAX_FRAME:
             raise TooLarge(p.TOO_LARGE, f"message of {len(frame)} bytes exceeds the "
                            f"{p.MAX_FRAME}-byte frame limit")
@@ -686,6 +705,7 @@ class Client(CronMixin):
         slot = threading.get_ident() != self._io_ident
         req = _Request(rid, frame, fut, convert, expect, 0.0, self.attempt_timeout + extra,
                        leader_only, slot)
+        req.spec = spec
         with self._lock:
             while slot and self._outstanding >= self.max_in_flight and not self._closed:
                 self._blocked += 1
@@ -764,7 +784,7 @@ class Client(CronMixin):
                     self._wake_pending = False
                 now = time.monotonic()
                 inflight = self._inflight
-                for req in batch:
+                for req in self._coalesce(batch):
                     inflight[req.rid] = req
                     req.target = self._leader
                     self._dispatch(req, now)
@@ -772,6 +792,38 @@ class Client(CronMixin):
                 self._fire_timers()
             if self._freed:
                 self._free_slots()
+
+    def _coalesce(self, batch: list[_Request]) -> list[_Request]:
+        """One-task submits queued together share one message (a caller with many
+        submit_async in flight); everything else goes out as it came."""
+        out: list[_Request] = []
+        run: list[_Request] = []
+        size = 0
+        for req in batch:
+            if run and (not req.spec or len(run) == _COALESCE_TASKS
+                        or size + len(req.spec) > _COALESCE_BYTES):
+                out.append(self._shared(run))
+                run, size = [], 0
+            if req.spec:
+                run.append(req)
+                size += len(req.spec)
+            else:
+                out.append(req)
+        if run:
+            out.append(self._shared(run))
+        return out
+
+    def _shared(self, members: list[_Request]) -> _Request:
+        if len(members) == 1:
+            return members[0]
+        rid = next(self._ids)
+        frame = _submit_frame(self._packer(), rid, [m.spec for m in members])
+        req = _Request(rid, frame, Future(), _ids, p.SUBMITTED,
+                       min(m.deadline for m in members),
+                       self.attempt_timeout + _PER_TASK * len(members), True, False)
+        req.future.set_running_or_notify_cancel()
+        req.members = members
+        return req
 
     def _free_slots(self) -> None:
         with self._lock:
@@ -933,11 +985,15 @@ class Client(CronMixin):
         self._freed += req.slot
         try:
             result = req.convert(msg)
+            if req.members and len(result) != len(req.members):
+                raise ValueError(f"{len(result)} ids for {len(req.members)} tasks")
         except Exception as exc:
-            req.future.set_exception(DTaskError(p.INTERNAL, f"malformed {msg.get('t')} "
-                                                f"reply: {exc!r}"))
-        else:
-            req.future.set_result(result)
+            self._fail(req, DTaskError(p.INTERNAL, f"malformed {msg.get('t')} reply: {exc!r}"))
+            return
+        req.future.set_result(result)
+        for member, task_id in zip(req.members, result):
+            self._freed += member.slot
+            member.future.set_result(task_id)
 
     def _fail(self, req: _Request, exc: BaseException) -> None:
         if req.future.done():
@@ -946,6 +1002,26 @@ class Client(CronMixin):
         req.timer = 0
         self._freed += req.slot
         req.future.set_exception(exc)
+        if req.members and isinstance(exc, (BadRequest, TooLarge)):
+            # One task the scheduler refused (e.g. over its payload limit) must not fail
+            # the others: each goes again on its own and gets its own answer.
+            now = time.monotonic()
+            for member in req.members:
+                self._inflight[member.rid] = member
+                member.target = self._leader
+                self._dispatch(member, now)
+            return
+        for member in req.members:
+            self._fail(member, exc)
+
+
+def _submit_frame(packer: msgpack.Packer, rid: int, packed_specs: list[bytes]) -> bytes:
+    """A submit message around tasks packed beforehand (the same bytes as packing the
+    whole map), so that one-task submits can be joined without packing them again."""
+    return b"".join([packer.pack_map_header(4), packer.pack("v"), packer.pack(p.VERSION),
+                     packer.pack("t"), packer.pack(p.SUBMIT), packer.pack("id"),
+                     packer.pack(rid), packer.pack("tasks"),
+                     packer.pack_array_header(len(packed_specs)), *packed_specs])
 
 
 def _chunks(specs: list[dict], max_bytes: int = 16 << 20) -> list[list[dict]]:

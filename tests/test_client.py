@@ -187,14 +187,55 @@ def test_a_thousand_async_submits_in_flight_at_once(fake):
     with client(fake) as c:
         futures = [c.submit_async("echo", {"i": i}) for i in range(1000)]
         deadline = time.monotonic() + 5
-        while len(fake.messages(p.SUBMIT)) < 1000 and time.monotonic() < deadline:
+        while (sum(len(m["tasks"]) for m in fake.messages(p.SUBMIT)) < 1000
+               and time.monotonic() < deadline):
             time.sleep(0.01)
         assert not any(f.done() for f in futures)
         fake.release()
         ids = [f.result(timeout=5) for f in futures]
-    assert fake.max_held == 1000
+    assert fake.max_held == len(fake.messages(p.SUBMIT))  # every message was in flight
     assert len(set(ids)) == 1000
     assert [fake.tasks[i]["payload"] for i in ids[:3]] == [b'{"i":0}', b'{"i":1}', b'{"i":2}']
+
+
+def _stall_io_thread(c: Client, seconds: float) -> None:
+    """Keep the client's I/O thread busy (in a future callback) for a while."""
+    first = c.submit_async("t", "first")
+    first.add_done_callback(lambda _: time.sleep(seconds))
+    first.result(timeout=5)
+
+
+def test_async_submits_queued_together_share_one_message(fake, monkeypatch):
+    monkeypatch.setattr("dtask.client._COALESCE_TASKS", 20)
+    with client(fake) as c:
+        _stall_io_thread(c, 0.5)
+        futures = [c.submit_async("t", {"i": i}, priority=i % 3) for i in range(50)]
+        ids = [f.result(timeout=5) for f in futures]
+        status = c.status(ids[7])
+    sizes = [len(m["tasks"]) for m in fake.messages(p.SUBMIT)]
+    assert sizes == [1, 20, 20, 10]  # the stalled thread found 50 waiting: joined, capped
+    assert len(set(ids)) == 50 and status["payload"] == b'{"i":7}'
+    # each future got its own task's id, options intact
+    assert [fake.tasks[i]["payload"] for i in ids] == [f'{{"i":{i}}}'.encode() for i in range(50)]
+    assert [fake.tasks[i]["priority"] for i in ids] == [i % 3 for i in range(50)]
+    assert len({fake.tasks[i]["idempotency_key"] for i in ids}) == 50
+
+
+def test_a_refused_shared_submit_is_retried_task_by_task(fake):
+    def refuse_big(node, msg):  # as a scheduler with a 100-byte payload limit would
+        if msg["t"] == p.SUBMIT and any(len(t["payload"]) > 100 for t in msg["tasks"]):
+            return p.error(msg["id"], p.TOO_LARGE, "payload over 100 bytes")
+        return None
+    fake.hook = refuse_big
+    with client(fake) as c:
+        _stall_io_thread(c, 0.5)
+        futures = [c.submit_async("t", "x" * (200 if i == 3 else 10)) for i in range(6)]
+        with pytest.raises(TooLarge, match="over 100 bytes"):
+            futures[3].result(timeout=5)
+        ids = [f.result(timeout=5) for i, f in enumerate(futures) if i != 3]
+    sizes = [len(m["tasks"]) for m in fake.messages(p.SUBMIT)]
+    assert sizes == [1, 6, 1, 1, 1, 1, 1, 1]  # refused together, then one by one
+    assert len(set(ids)) == 5 and len(fake.tasks) == 1 + 5
 
 
 def test_max_in_flight_blocks_the_caller(fake):
@@ -205,7 +246,8 @@ def test_max_in_flight_blocks_the_caller(fake):
         t = threading.Thread(target=lambda: fifth.append(c.submit_async("t", 4)))
         t.start()
         t.join(0.3)
-        assert t.is_alive() and len(fake.messages(p.SUBMIT)) == 4  # blocked, not sent
+        sent = sum(len(m["tasks"]) for m in fake.messages(p.SUBMIT))
+        assert t.is_alive() and sent == 4  # blocked, not sent
         fake.release()
         t.join(5)
         assert not t.is_alive()
