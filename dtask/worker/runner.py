@@ -97,6 +97,7 @@ class Worker:
         self.signals = 0
         self.told_prefetch = 0  # the prefetch the leader last heard from us
         self.durations: deque[float] = deque(maxlen=PREFETCH_SAMPLES)  # s a slot was held
+        self.prefetch_room = 0  # what prefetch asks for while no task runs long; 0 unmeasured
         self.signals_seen = 0
 
     # -- what the scheduler is told -----------------------------------------------
@@ -104,26 +105,26 @@ class Worker:
     def prefetch(self) -> int:
         """How many tasks beyond its slots the worker takes now: what its slots finish
         in PREFETCH_HORIZON, and none while a running task is long."""
-        c = self.config
-        if not c.prefetch or self.draining:
+        if not self.prefetch_room or self.draining:
             return 0
-        young = now_us() - int(PREFETCH_WHILE_UNDER * 1e6)
-        if any(job.started_us < young for job in self.jobs.values()):
+        if self.jobs and now_us() - min(job.started_us for job in self.jobs.values()) \
+                > PREFETCH_WHILE_UNDER * 1e6:
             return 0
-        if not self.durations:  # nothing measured yet: its tasks may be long ones
-            return 0
+        return self.prefetch_room
+
+    def _measured(self, held_us: int) -> None:
+        """A task gave its slot back after `held_us`: update what prefetch may ask for."""
+        self.durations.append(max(1e-6, held_us / 1e6))
         typical = sorted(self.durations)[len(self.durations) // 2]
-        return min(c.prefetch, int(c.concurrency * PREFETCH_HORIZON / typical))
+        c = self.config
+        self.prefetch_room = min(c.prefetch, int(c.concurrency * PREFETCH_HORIZON / typical))
 
-    def _prefetch_told(self) -> int:
-        self.told_prefetch = self.prefetch()
-        return self.told_prefetch
-
-    def credits(self) -> int:
-        if self.draining or self.outbox.full():
-            return 0
-        return max(0, self.config.concurrency + self.prefetch()
-                   - len(self.jobs) - len(self.waiting))
+    def _credits(self) -> dict:
+        """What the leader is told of our room, in every heartbeat and result."""
+        prefetch = self.told_prefetch = self.prefetch()
+        credits = (0 if self.draining or self.outbox.full() else
+                   max(0, self.config.concurrency + prefetch - len(self.jobs) - len(self.waiting)))
+        return {"credits": credits, "prefetch": prefetch}
 
     def _running(self) -> list[list]:
         """Every attempt the worker holds, prefetched ones included: its leases."""
@@ -134,12 +135,11 @@ class Worker:
         return {"worker_id": c.worker_id, "host": self.host, "pid": os.getpid(),
                 "concurrency": c.concurrency, "queues": list(c.queues),
                 "labels": list(c.labels), "executors": list(self.executors),
-                "running": self._running(), "credits": self.credits(),  # 0 while draining
-                "prefetch": self._prefetch_told()}
+                "running": self._running(), **self._credits()}  # credits 0 while draining
 
     def _heartbeat(self) -> dict:
-        return {"worker_id": self.config.worker_id, "credits": self.credits(),
-                "prefetch": self._prefetch_told(), "running": self._running()}
+        return {"worker_id": self.config.worker_id, "running": self._running(),
+                **self._credits()}
 
     def _on_registered(self, changed: bool) -> None:
         now = time.monotonic()
@@ -301,7 +301,7 @@ class Worker:
     def _finished(self, job: Job, fin: Finished) -> None:
         self.jobs.pop(job.key, None)
         ended = now_us()
-        self.durations.append(max(1e-6, (ended - job.started_us) / 1e6))
+        self._measured(ended - job.started_us)
         self._start_waiting(time.monotonic())  # before the report: its credits count it
         outcome, error = fin.outcome, fin.error
         if job.stop_outcome:  # the worker's decision wins over how the process ended
@@ -335,8 +335,7 @@ class Worker:
         if entry is None:
             return
         rid = self.conn.next_id()
-        if self.conn.send({**entry.msg, "id": rid, "credits": self.credits(),
-                           "prefetch": self._prefetch_told()}):
+        if self.conn.send({**entry.msg, "id": rid, **self._credits()}):
             self.outbox.sent(key, rid, now)
 
     # -- timers ---------------------------------------------------------------------
