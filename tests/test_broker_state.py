@@ -264,8 +264,9 @@ def test_a_worker_asking_for_prefetch_gets_tasks_beyond_its_slots_until_it_stops
     d = make_dispatcher(h)
     w = d.register(worker("w", credits=2))
     w.report_credits(5, prefetch=3)  # 2 free slots + 3 prefetched
+    assert w.free_slots() == 2  # what operators see: slots, not prefetch room
     assert [x[0] for x in d.assign(T0)] == ["t0", "t1", "t2", "t3", "t4"]
-    assert w.free() == 0 and d.assign(T0) == []
+    assert w.free() == 0 and w.free_slots() == 0 and d.assign(T0) == []
     # a task turned long: it asks for no prefetch; its 5 held tasks cover its 2 slots
     w.report_credits(0, prefetch=0)
     w.assigned -= {"t0", "t1", "t2"}  # three results arrived

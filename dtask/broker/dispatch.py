@@ -55,6 +55,12 @@ class WorkerInfo:
             return 0
         return self.capacity() - len(self.assigned)
 
+    def free_slots(self) -> int:
+        """For operators: slots not holding a task (a prefetched one holds a slot here)."""
+        if self.draining or self.drain_requested:
+            return 0
+        return max(0, self.concurrency - len(self.assigned))
+
     def report_credits(self, credits: int, prefetch: int | None = None) -> None:
         """The worker's own count of free slots: only ever used to stop sending.
         `prefetch` (absent from older workers) is how many tasks it now takes beyond

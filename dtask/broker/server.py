@@ -435,7 +435,8 @@ class SchedulerServer(NodeDaemon):
             now = time.monotonic()
             fields["workers"] = [
                 {"id": w.id, "host": w.host, "pid": w.pid, "concurrency": w.concurrency,
-                 "free_slots": w.free(), "running": sorted(w.assigned),
+                 "free_slots": w.free_slots(), "prefetch": w.prefetch,
+                 "running": sorted(w.assigned),
                  "queues": sorted(w.queues),
                  "labels": sorted(w.labels), "executors": sorted(w.executors),
                  "registered": w.registered, "last_seen_s": round(now - w.last_seen, 3)}

@@ -95,10 +95,10 @@ class Worker:
         self.next_flush = 0.0
         self.next_resend = 0.0
         self.signals = 0
+        self.signals_seen = 0
         self.told_prefetch = 0  # the prefetch the leader last heard from us
         self.durations: deque[float] = deque(maxlen=PREFETCH_SAMPLES)  # s a slot was held
         self.prefetch_room = 0  # what prefetch asks for while no task runs long; 0 unmeasured
-        self.signals_seen = 0
 
     # -- what the scheduler is told -----------------------------------------------
 
