@@ -31,7 +31,6 @@ import contextlib
 import datetime as _dt
 import heapq
 import itertools
-import json
 import math
 import random
 import struct
@@ -47,215 +46,27 @@ import zmq
 
 from . import protocol as p
 from .cronclient import CronMixin
+from .errors import (  # noqa: F401  (re-exported: dtask.client is where callers look)
+    CLOSED,
+    BadRequest,
+    Conflict,
+    DTaskError,
+    TaskNotFound,
+    TooLarge,
+    Unavailable,
+    error_for,
+)
+from .taskspec import (
+    MAX_SECONDS,
+    bad_request,
+    check_ident,
+    check_number,
+    encode_task,
+    epoch_us,
+)
 
 __all__ = ["Client", "DTaskError", "TaskNotFound", "Conflict", "BadRequest", "TooLarge",
            "Unavailable"]
-
-# -- errors --------------------------------------------------------------------------
-
-
-class DTaskError(Exception):
-    """An error reply from the scheduler (or a client-side failure), with its code."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(f"{code}: {message}")
-        self.code = code
-        self.message = message
-
-    def __reduce__(self) -> tuple:  # picklable with both fields (e.g. across processes)
-        return (type(self), (self.code, self.message))
-
-
-class TaskNotFound(DTaskError):
-    """NOT_FOUND: no task with that id (never existed, or purged after retention)."""
-
-
-class Conflict(DTaskError):
-    """CONFLICT: the request contradicts the task's state (e.g. cancel a finished task)."""
-
-
-class BadRequest(DTaskError, ValueError):
-    """BAD_REQUEST: an invalid request, refused by the scheduler or before sending."""
-
-
-class TooLarge(DTaskError, ValueError):
-    """TOO_LARGE: a payload, batch or message over the limit."""
-
-
-class Unavailable(DTaskError):
-    """No leader answered within the timeout (or the cluster has no quorum).
-
-    For a submit the outcome is unknown: the task may exist. Resubmitting with the
-    same `idempotency_key` is safe.
-    """
-
-
-_ERRORS: dict[str, type[DTaskError]] = {
-    p.NOT_FOUND: TaskNotFound, p.CONFLICT: Conflict, p.BAD_REQUEST: BadRequest,
-    p.TOO_LARGE: TooLarge, p.UNAVAILABLE: Unavailable,
-}
-CLOSED = "CLOSED"  # client-side code: the client was closed with the request outstanding
-
-
-def error_for(code: str, message: str) -> DTaskError:
-    """The exception for an error reply's code (DTaskError for codes without a subclass)."""
-    return _ERRORS.get(code, DTaskError)(code, message)
-
-
-# -- task encoding -------------------------------------------------------------------
-
-_OPTIONS = frozenset({"name", "priority", "delay", "at", "timeout", "max_retries", "backoff",
-                      "queue", "labels", "idempotency_key", "task_id", "content_type"})
-_BACKOFF = {  # key: (lo, hi), the scheduler's bounds (protocol.parse_task_spec)
-    "initial": (0.0, 86400 * 7.0), "multiplier": (1.0, 100.0),
-    "max_delay": (0.0, 86400 * 30.0), "jitter": (0.0, 1.0),
-}
-_MAX_SECONDS = 10 * 365 * 86400.0
-_IDENT = p._IDENT  # the scheduler's pattern for types, queues, labels and task ids
-_json = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
-_BYTES = (bytes, bytearray, memoryview)
-
-
-def _bad(message: str) -> BadRequest:
-    return BadRequest(p.BAD_REQUEST, message)
-
-
-def _number(name: str, value: object, lo: float, hi: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) \
-            or not math.isfinite(value) or not lo <= value <= hi:
-        raise _bad(f"{name} must be a number of seconds in [{lo:g}, {hi:g}], got {value!r}")
-    return value if type(value) is int else float(value)
-
-
-def _ident(name: str, value: object, max_len: int = 128) -> str:
-    if type(value) is not str or len(value) > max_len or not _IDENT.match(value):
-        raise _bad(f"{name} must be 1-{max_len} characters of [A-Za-z0-9_.:@/+-], "
-                   f"got {value!r}")
-    return value
-
-
-def _epoch_us(name: str, value: object) -> int:
-    """A datetime (naive means local time) or epoch seconds, as epoch microseconds."""
-    if isinstance(value, _dt.datetime):
-        seconds = value.timestamp()  # naive: local time, as documented
-    elif isinstance(value, (int, float)) and not isinstance(value, bool):
-        seconds = value
-    else:
-        raise _bad(f"{name} must be a datetime or epoch seconds, got {value!r}")
-    if not math.isfinite(seconds) or seconds < 0:
-        raise _bad(f"{name} must be at or after 1970-01-01, got {value!r}")
-    return round(seconds * 1_000_000)
-
-
-def encode_payload(payload: object, content_type: str | None = None) -> tuple[bytes, str]:
-    """Bytes travel as-is (application/octet-stream unless told); anything else as JSON."""
-    if isinstance(payload, _BYTES):
-        data = payload if type(payload) is bytes else bytes(payload)
-        ctype = p.BINARY if content_type is None else content_type
-    else:
-        if content_type is None:
-            ctype = p.JSON
-        elif type(content_type) is str and (content_type == p.JSON
-                                            or content_type.endswith("+json")):
-            ctype = content_type
-        else:
-            raise _bad(f"content_type {content_type!r} needs a bytes payload; only JSON "
-                       "content types are encoded by the client")
-        try:
-            data = _json.encode(payload).encode()
-        except TypeError as exc:
-            raise TypeError(f"payload is not JSON-serialisable ({exc}); pass bytes to send "
-                            "it as application/octet-stream") from None
-        except ValueError as exc:  # NaN/Infinity or a circular reference
-            raise _bad(f"payload cannot be encoded as JSON: {exc}") from None
-    if type(ctype) is not str or not 0 < len(ctype) <= 100:
-        raise _bad(f"content_type must be a string of 1-100 characters, got {ctype!r}")
-    if len(data) > p.MAX_PAYLOAD:
-        raise TooLarge(p.TOO_LARGE, f"payload of {len(data)} bytes exceeds the "
-                       f"{p.MAX_PAYLOAD}-byte limit")
-    return data, ctype
-
-
-def encode_task(ttype: str, payload: object, options: dict[str, Any],
-                key: Callable[[], str]) -> dict:
-    """One task spec as it goes on the wire, validated; `key()` makes an idempotency key.
-
-    Fields are emitted in a fixed order and only when set (the scheduler's defaults
-    apply otherwise), except that an idempotency key is always present.
-    """
-    if not options.keys() <= _OPTIONS:
-        unknown = ", ".join(sorted(options.keys() - _OPTIONS))
-        raise TypeError(f"unknown task option(s): {unknown}; valid options are "
-                        f"{', '.join(sorted(_OPTIONS))}")
-    data, ctype = encode_payload(payload, options.get("content_type"))
-    spec: dict[str, Any] = {"type": _ident("type", ttype, 64), "payload": data,
-                            "content_type": ctype}
-    get = options.get
-    if (name := get("name")) is not None:
-        if type(name) is not str or len(name) > p.MAX_NAME:
-            raise _bad(f"name must be a string of at most {p.MAX_NAME} characters")
-        spec["name"] = name
-    if (priority := get("priority")) is not None:
-        if type(priority) is not int or not -1_000_000 <= priority <= 1_000_000:
-            raise _bad(f"priority must be an integer in [-1000000, 1000000], got {priority!r}")
-        spec["priority"] = priority
-    delay, at = get("delay"), get("at")
-    if delay is not None and at is not None:
-        raise _bad("give delay or at, not both")
-    if delay is not None and _number("delay", delay, 0.0, _MAX_SECONDS):
-        spec["delay"] = delay if type(delay) is int else float(delay)
-    if at is not None:
-        spec["at_us"] = _epoch_us("at", at)
-    if (timeout := get("timeout")) is not None:
-        spec["timeout"] = _number("timeout", timeout, 0.0, 86400 * 7.0)
-    retry = _retry(get("max_retries"), get("backoff"))
-    if retry:
-        spec["retry"] = retry
-    if (queue := get("queue")) is not None:
-        spec["queue"] = _ident("queue", queue)
-    if (labels := get("labels")) is not None:
-        spec["labels"] = _labels(labels)
-    ikey = get("idempotency_key")
-    if ikey is None or ikey == "":
-        ikey = key()
-    elif type(ikey) is not str or len(ikey) > 255:
-        raise _bad("idempotency_key must be a string of at most 255 characters")
-    spec["idempotency_key"] = ikey
-    if (task_id := get("task_id")) is not None:
-        spec["task_id"] = _ident("task_id", task_id)
-    return spec
-
-
-def _retry(max_retries: object, backoff: object) -> dict:
-    retry: dict[str, Any] = {}
-    if max_retries is not None:
-        if type(max_retries) is not int or not 0 <= max_retries <= 1000:
-            raise _bad(f"max_retries must be an integer in [0, 1000], got {max_retries!r}")
-        retry["max_retries"] = max_retries
-    if backoff is None:
-        return retry
-    if not isinstance(backoff, dict):  # a bare number is the initial delay
-        backoff = {"initial": backoff}
-    unknown = backoff.keys() - _BACKOFF.keys()
-    if unknown:
-        raise _bad(f"unknown backoff field(s) {sorted(unknown)}; valid: initial, "
-                   "multiplier, max_delay, jitter")
-    for field in _BACKOFF:  # fixed order: the same options always give the same bytes
-        if field in backoff:
-            retry[field] = _number(f"backoff {field}", backoff[field], *_BACKOFF[field])
-    return retry
-
-
-def _labels(labels: object) -> list[str]:
-    if isinstance(labels, (str, bytes)) or not isinstance(labels, Iterable):
-        raise _bad(f"labels must be a list of strings, got {labels!r}")
-    out = sorted(labels) if isinstance(labels, (set, frozenset)) else list(labels)
-    if len(out) > 64:
-        raise _bad("at most 64 labels")
-    for label in out:
-        _ident("label", label)
-    return out
-
 
 # -- replies -------------------------------------------------------------------------
 
@@ -487,7 +298,7 @@ class Client(CronMixin):
         specs = []
         for i, task in enumerate(tasks):
             if not isinstance(task, dict) or "type" not in task:
-                raise _bad(f"task {i}: each task must be a dict with a 'type'")
+                raise bad_request(f"task {i}: each task must be a dict with a 'type'")
             options = dict(task)
             ttype, payload = options.pop("type"), options.pop("payload", None)
             try:
@@ -516,7 +327,7 @@ class Client(CronMixin):
         scheduler answer from its own replica: cheaper and available without a
         leader, but possibly behind.
         """
-        body: dict[str, Any] = {"task_id": _ident("task_id", task_id)}
+        body: dict[str, Any] = {"task_id": check_ident("task_id", task_id)}
         if stale:
             body["stale"] = True
         return self._call(p.STATUS, body, p.TASK, _task, leader_only=not stale)
@@ -528,9 +339,9 @@ class Client(CronMixin):
         every 30 s). Raises TimeoutError if it is not finished after `timeout` seconds
         (None: wait forever).
         """
-        _ident("task_id", task_id)
-        end = None if timeout is None else time.monotonic() + _number(
-            "timeout", timeout, 0.0, _MAX_SECONDS)
+        check_ident("task_id", task_id)
+        end = None if timeout is None else time.monotonic() + check_number(
+            "timeout", timeout, 0.0, MAX_SECONDS)
         while True:
             chunk = 30.0 if end is None else max(0.0, min(30.0, end - time.monotonic()))
             reply = self._call(p.WAIT, {"task_id": task_id, "timeout": chunk}, p.TASK,
@@ -556,15 +367,15 @@ class Client(CronMixin):
             states = [s.upper() if isinstance(s, str) else s for s in states]
             for s in states:
                 if s not in p.STATES:
-                    raise _bad(f"unknown status {s!r}; one of {', '.join(p.STATES)}")
+                    raise bad_request(f"unknown status {s!r}; one of {', '.join(p.STATES)}")
             body["status"] = states
         if type is not None:
-            body["type"] = _ident("type", type, 64)
+            body["type"] = check_ident("type", type, 64)
         if since is not None:
-            body["since_us"] = _epoch_us("since", since)
+            body["since_us"] = epoch_us("since", since)
         if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int)
                                   or limit < 0):
-            raise _bad(f"limit must be a non-negative integer or None, got {limit!r}")
+            raise bad_request(f"limit must be a non-negative integer or None, got {limit!r}")
         out: list[dict] = []
         cursor = ""
         while limit is None or len(out) < limit:
@@ -585,14 +396,14 @@ class Client(CronMixin):
         has killed it. Cancelling a CANCELLED task returns it; a COMPLETED or FAILED one
         raises Conflict.
         """
-        return self._call(p.CANCEL, {"task_id": _ident("task_id", task_id)},
+        return self._call(p.CANCEL, {"task_id": check_ident("task_id", task_id)},
                           p.CANCELLED_REPLY, _task)
 
     def logs(self, task_id: str, attempt: int = 0) -> bytes:
         """The captured output of one attempt (0: the latest), as far as it goes now."""
-        _ident("task_id", task_id)
+        check_ident("task_id", task_id)
         if type(attempt) is not int or attempt < 0:
-            raise _bad(f"attempt must be a non-negative integer, got {attempt!r}")
+            raise bad_request(f"attempt must be a non-negative integer, got {attempt!r}")
         out = bytearray()
         offset = 0
         while True:
@@ -614,7 +425,7 @@ class Client(CronMixin):
 
     def drain_worker(self, worker_id: str) -> None:
         """Ask a worker (through the leader) to finish its tasks, deregister and exit."""
-        self._call(p.DRAIN_WORKER, {"worker_id": _ident("worker_id", worker_id)}, p.DRAIN_OK,
+        self._call(p.DRAIN_WORKER, {"worker_id": check_ident("worker_id", worker_id)}, p.DRAIN_OK,
                    _whole)
 
     def transfer_leader(self, to: int = 0) -> int:
@@ -628,12 +439,12 @@ class Client(CronMixin):
         new node's raft and client endpoints), "promote" (once it caught up), "remove".
         Returns {"voters": [...], "learners": [...]} after the change applied."""
         if op not in p.MEMBER_OPS:
-            raise _bad(f"op must be one of {', '.join(p.MEMBER_OPS)}, got {op!r}")
+            raise bad_request(f"op must be one of {', '.join(p.MEMBER_OPS)}, got {op!r}")
         body = {"op": op, "node_id": int(node_id)}
         if op == "add_learner":
             for name, value in (("raft", raft), ("client", client)):
                 if not p.is_endpoint(normalise_endpoint(value)):
-                    raise _bad(f"{name} endpoint must be tcp://HOST:PORT, got {value!r}")
+                    raise bad_request(f"{name} endpoint must be tcp://HOST:PORT, got {value!r}")
             body.update(raft=normalise_endpoint(raft), client=normalise_endpoint(client))
         return self._call(p.MEMBER_CHANGE, body, p.MEMBER_OK,
                           lambda msg: {"voters": msg["voters"], "learners": msg["learners"]})
@@ -991,9 +802,10 @@ class Client(CronMixin):
             self._fail(req, DTaskError(p.INTERNAL, f"malformed {msg.get('t')} reply: {exc!r}"))
             return
         req.future.set_result(result)
-        for member, task_id in zip(req.members, result):
-            self._freed += member.slot
-            member.future.set_result(task_id)
+        if req.members:
+            for member, task_id in zip(req.members, result, strict=True):
+                self._freed += member.slot
+                member.future.set_result(task_id)
 
     def _fail(self, req: _Request, exc: BaseException) -> None:
         if req.future.done():

@@ -10,6 +10,7 @@ import uuid
 from typing import Any
 
 from . import protocol as p
+from .taskspec import bad_request, encode_task  # the same task validation as submit
 
 _JOB_OPTIONS = frozenset({"tz", "misfire", "overlap", "grace", "catchup_window",
                           "max_catchup", "paused"})
@@ -37,14 +38,13 @@ class CronMixin:
         (name, priority, timeout, max_retries, backoff, queue, labels, content_type).
         A job of that name already existing is a Conflict unless `replace` is true.
         """
-        from .client import _bad, encode_task  # the same task validation as submit
         if not options.keys() <= _JOB_OPTIONS:
             unknown = ", ".join(sorted(options.keys() - _JOB_OPTIONS))
             raise TypeError(f"unknown cron option(s): {unknown}; valid options are "
                             f"{', '.join(sorted(_JOB_OPTIONS))}")
         task_options = dict(task or {})
         if task_options.keys() & {"delay", "at", "task_id", "idempotency_key"}:
-            raise _bad("a cron job's task cannot have delay, at, task_id or "
+            raise bad_request("a cron job's task cannot have delay, at, task_id or "
                        "idempotency_key: each tick makes its own")
         spec = encode_task(type, payload, task_options, lambda: "")
         spec.pop("idempotency_key", None)
