@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import time
 from collections.abc import Iterator
 
@@ -127,28 +128,40 @@ def test_sigterm_drains_reports_and_says_bye(fakes: list[FakeScheduler]) -> None
         os.kill(pool_pid, 0)  # the Python pool went with the worker
 
 
+def _gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    with open(f"/proc/{pid}/stat") as f:  # a zombie waiting for init counts as gone
+        return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+
+
 def test_a_sigkilled_worker_takes_its_shell_tasks_along(fakes: list[FakeScheduler]) -> None:
-    """The worker cannot clean up after SIGKILL: the task's process must not live on
-    (it would run beside the retry of the same attempt on another worker)."""
+    """The worker cannot clean up after SIGKILL: the task's processes must not live on
+    (they would run beside the retry of the same attempt on another worker) — neither
+    the task's own process nor what it started in the background."""
     fake = fakes[0]
     worker = WorkerProcess([fake.endpoint], "--concurrency", "1", *FAST)
     fake.wait_for(lambda: fake.messages(p.HEARTBEAT), 10, "heartbeats")
-    fake.run(task("orphan", "shell", {"cmd": "echo $$; exec sleep 300"}))
-    fake.wait_for(lambda: fake.log_chunks("orphan"), 5, "the task to start")
-    pid = int(b"".join(c["data"] for c in fake.log_chunks("orphan")).split()[0])
-    os.kill(pid, 0)  # running
+    fake.run(task("orphan", "shell", {"cmd": "echo $$; sleep 300 & echo $!; wait"}))
+    fake.wait_for(lambda: len(b"".join(c["data"] for c in fake.log_chunks("orphan")).split())
+                  == 2, 5, "the task and its background child to start")
+    pids = [int(x) for x in b"".join(c["data"] for c in fake.log_chunks("orphan")).split()]
+    assert not any(_gone(pid) for pid in pids)  # running
+    guard = [int(x) for x in subprocess.run(
+        ["pgrep", "-P", str(worker.proc.pid), "-f", "dtask.worker.groupguard"],
+        capture_output=True, text=True).stdout.split()]
+    assert len(guard) == 1  # the worker's group guard, in a session of its own
+    assert os.getsid(guard[0]) != os.getsid(worker.proc.pid)
     worker.proc.kill()
     worker.proc.wait(10)
     deadline = time.monotonic() + 5
-    while True:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            break
-        with open(f"/proc/{pid}/stat") as f:  # a zombie waiting for init counts as gone
-            if f.read().rsplit(")", 1)[1].split()[0] == "Z":
-                break
-        assert time.monotonic() < deadline, f"task process {pid} outlived its worker"
+    while not all(_gone(pid) for pid in pids):
+        assert time.monotonic() < deadline, f"task processes {pids} outlived their worker"
+        time.sleep(0.05)
+    while not _gone(guard[0]):  # its work done, the guard leaves too
+        assert time.monotonic() < deadline, "the group guard outlived its worker"
         time.sleep(0.05)
 
 

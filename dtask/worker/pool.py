@@ -22,7 +22,7 @@ import msgpack
 
 from .. import protocol as p
 from .executors.base import Finished, Handle, OnExit, OnOutput
-from .process import Process, describe_status, kill_group
+from .process import GUARD, Process, describe_status, kill_group
 from .reactor import Reactor
 
 log = logging.getLogger("dtask.worker.pool")
@@ -249,6 +249,7 @@ class PythonPool:
             child.close()
         deadline = time.monotonic() + timeout
         for child in list(self.children):
+            GUARD.forget(child.proc.pid)  # reaped here, not through the loop
             try:
                 child.proc.proc.wait(max(0.0, deadline - time.monotonic()))
             except Exception:

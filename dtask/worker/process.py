@@ -3,38 +3,94 @@
 Its stdout and stderr share one pipe (so they stay interleaved as written) which the
 loop reads without blocking; a pidfd tells the loop when it exits. The group is
 SIGKILLed when its leader exits: nothing an attempt started outlives it, and doing it
-before reaping the leader means the group id cannot have been reused.
+before reaping the leader means the group id cannot have been reused. Should the
+worker itself die first, the group guard (`groupguard`) kills the group.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
+import fcntl
+import logging
 import os
 import signal
 import subprocess
+import sys
 from collections.abc import Callable
 
+from . import groupguard
 from .reactor import Reactor
+
+log = logging.getLogger("dtask.worker.process")
 
 READ_SIZE = 64 << 10
 READS_PER_TURN = 4  # then let the loop serve others; the rest is read next turn
 
 
-_PR_SET_PDEATHSIG = 1
-try:
-    _prctl = ctypes.CDLL(None, use_errno=True).prctl
-except (OSError, AttributeError):  # not Linux
-    _prctl = None
+F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 
 
-def die_with_parent() -> None:
-    """In the child, before exec: SIGKILL me if the worker dies (even by SIGKILL, when
-    it cannot clean up). Covers the attempt's first process — with `sh -c` running one
-    command, the command itself; what that process forks is orphaned, as with any
-    supervisor that is killed outright."""
-    if _prctl is not None:
-        _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+class GroupGuard:
+    """The worker's side of the group guard: started on first use, told of every task
+    process group while it is live. One per worker process (`GUARD`)."""
+
+    def __init__(self) -> None:
+        self.fd = -1
+        self.proc: subprocess.Popen | None = None
+        self.live: set[int] = set()
+
+    def watch(self, pgid: int) -> None:
+        self.live.add(pgid)
+        self._send(groupguard.WATCH, pgid)
+
+    def forget(self, pgid: int) -> None:
+        """Call before reaping the group's leader, while the id cannot be reused."""
+        self.live.discard(pgid)
+        self._send(groupguard.FORGET, pgid)
+
+    def close(self) -> None:
+        """The worker is leaving: the guard kills what is still live, then exits."""
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        if self.proc is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(2 * groupguard.POLL + 1.0)
+            self.proc = None
+
+    def _send(self, op: bytes, pgid: int) -> None:
+        if self.fd < 0 and not self._start():
+            return
+        try:
+            os.write(self.fd, groupguard.encode(op, pgid))
+        except OSError as exc:  # the guard was killed: start another, tell it everything
+            log.error("event=group_guard_lost error=%r action=restart", str(exc))
+            os.close(self.fd)
+            self.fd = -1
+            if self._start():
+                for live in self.live:
+                    os.write(self.fd, groupguard.encode(groupguard.WATCH, live))
+
+    def _start(self) -> bool:
+        read_end, write_end = os.pipe()
+        with contextlib.suppress(OSError):  # a smaller pipe is fine: the guard reads often
+            fcntl.fcntl(write_end, F_SETPIPE_SZ, 1 << 20)
+        try:
+            # Its own session: a signal to the worker's process group does not reach it.
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "dtask.worker.groupguard"], stdin=read_end,
+                start_new_session=True, close_fds=True)
+        except OSError as exc:
+            os.close(write_end)
+            log.error("event=group_guard_failed error=%r", str(exc))
+            return False
+        finally:
+            os.close(read_end)
+        self.fd = write_end
+        return True
+
+
+GUARD = GroupGuard()
 
 
 def set_nonblocking(fd: int) -> None:
@@ -70,8 +126,9 @@ class Process:
         self.proc = subprocess.Popen(  # raises OSError if it cannot start
             argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
             env=env, cwd=cwd, start_new_session=True, close_fds=True, pass_fds=pass_fds,
-            bufsize=0, preexec_fn=die_with_parent)
+            bufsize=0)
         self.pid = self.proc.pid
+        GUARD.watch(self.pid)  # its session id = process group id = its pid
         assert self.proc.stdout is not None
         self.out: int | None = self.proc.stdout.fileno()
         set_nonblocking(self.out)
@@ -113,6 +170,7 @@ class Process:
 
     def _exited(self, _ev: int) -> None:
         kill_group(self.pid, signal.SIGKILL)  # leftovers; the zombie leader pins the pgid
+        GUARD.forget(self.pid)
         self.drain()  # what is already in the pipe; no waiting for EOF
         self._close_out()
         self.reactor.remove(self.pidfd)

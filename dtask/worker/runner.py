@@ -27,6 +27,7 @@ from .executors import NEEDS_POOL, Context, Finished, Handle, TaskError, build
 from .logbuf import LogBuffer
 from .outbox import Key, Outbox
 from .pool import PythonPool
+from .process import GUARD
 from .reactor import Reactor
 
 log = logging.getLogger("dtask.worker.runner")
@@ -466,6 +467,7 @@ class Worker:
                 job.handle.signal(signal.SIGKILL)
         if self.pool is not None:
             self.pool.close()
+        GUARD.close()  # kills what is still running (only after an unexpected exit)
         self.conn.close(linger=1.0)
         if self.own_zctx:
             self.zctx.term()
