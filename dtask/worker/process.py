@@ -68,8 +68,9 @@ class GroupGuard:
             os.close(self.fd)
             self.fd = -1
             if self._start():
-                for live in self.live:
-                    os.write(self.fd, groupguard.encode(groupguard.WATCH, live))
+                records = b"".join(groupguard.encode(groupguard.WATCH, g) for g in self.live)
+                with contextlib.suppress(OSError):  # gone again: the next call retries
+                    os.write(self.fd, records)
 
     def _start(self) -> bool:
         read_end, write_end = os.pipe()
