@@ -107,6 +107,7 @@ BYE = "bye"  # deregistration; no reply
 # scheduler -> worker (pushed, no id)
 RUN = "run"  # one or more task attempts to run
 KILL = "kill"  # cancel a running attempt
+NOT_LEASED = "not_leased"  # kill reason: the attempt is not this worker's (it is not a cancel)
 DRAIN = "drain"  # stop taking tasks, finish the running ones, deregister, exit
 ERROR = "error"
 

@@ -139,6 +139,40 @@ def test_prefetched_tasks_of_a_sigkilled_worker_run_elsewhere(cluster, client):
             ("w1", p.LOST), ("w2", p.SUCCEEDED)]
 
 
+def test_a_worker_running_an_attempt_the_leader_does_not_know_is_told_not_leased(cluster,
+                                                                                client):
+    """On registration the leader kills attempts its state does not give the worker
+    (e.g. pushed by a dead leader before their lease committed) with reason
+    not_leased, so that the worker's report of it cannot read as a cancel."""
+    import zmq
+
+    known = client.submit("shell", {"cmd": "true"})  # PENDING: no worker yet
+    leader = cluster.wait_leader()
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(cluster.members[leader].client)
+    try:
+        sock.send(p.pack({"v": p.VERSION, "t": p.REGISTER, "id": 1, "worker_id": "raw-w",
+                          "host": "h", "pid": 1, "concurrency": 1, "queues": ["nowhere"],
+                          "labels": [], "executors": ["shell"], "credits": 0,
+                          "running": [[known, 1], ["no-such-task", 3]]}))
+        kills = []
+        deadline = time.monotonic() + 10
+        while len(kills) < 2:
+            assert time.monotonic() < deadline, f"kills so far: {kills}"
+            if sock.poll(500):
+                msg = p.unpack(sock.recv())
+                if msg["t"] == p.KILL:
+                    kills.append((msg["task_id"], msg["attempt"], msg.get("reason")))
+        assert sorted(kills) == sorted([(known, 1, p.NOT_LEASED),
+                                        ("no-such-task", 3, p.NOT_LEASED)])
+    finally:
+        sock.close()
+        ctx.term()
+    assert client.status(known)["status"] == p.PENDING  # nothing ran, nothing cancelled
+
+
 def test_leader_sigkill_during_a_submit_stream_loses_nothing(cluster, client):
     """10,000 tasks submitted in batches with idempotency keys while the leader dies:
     every acknowledged task completes, and no key yields two tasks."""

@@ -492,6 +492,29 @@ def test_cancel_of_a_prefetched_task_reports_it_killed_without_running_it(env: d
     assert len(fake.results("ck-wait")) == 1
 
 
+def test_a_kill_for_an_attempt_not_leased_here_ends_it_lost_or_rejected_not_cancelled(
+        env: dict) -> None:
+    """A new leader kills attempts its state does not give this worker; it may push the
+    same attempt number again, so their end must not read as a cancel."""
+    fake = env["fake"]
+    fake.run(*[task(f"nl-run-{i}", "shell", {"cmd": "echo started; sleep 30"})
+               for i in range(CONCURRENCY)], task("nl-wait", "shell", {"cmd": "echo ran"}))
+    fake.wait_for(lambda: all(fake.log_chunks(f"nl-run-{i}") for i in range(CONCURRENCY)),
+                  5, "the running ones to start")
+    fake.kill("nl-wait", reason=p.NOT_LEASED)
+    held = fake.wait_result("nl-wait", 5)
+    assert held["outcome"] == p.REJECTED and held["log"] == b""  # queued again, no retry used
+    fake.kill("nl-run-0", reason=p.NOT_LEASED)
+    fake.kill("nl-run-1", reason="cancel")
+    lost, cancelled = fake.wait_result("nl-run-0", 5), fake.wait_result("nl-run-1", 5)
+    assert lost["outcome"] == p.LOST and "does not lease" in lost["error"]
+    assert lost["log"] == b"started\n"
+    assert cancelled["outcome"] == p.KILLED
+    for i in range(2, CONCURRENCY):
+        fake.kill(f"nl-run-{i}")  # no reason: a cancel, as from an older scheduler
+        assert fake.wait_result(f"nl-run-{i}", 5)["outcome"] == p.KILLED
+
+
 def test_a_duplicate_run_of_a_running_attempt_is_ignored(env: dict) -> None:
     fake = env["fake"]
     t = task("dup-1", "shell", {"cmd": "sleep 0.3; echo once"})

@@ -109,7 +109,7 @@ class WorkerDesk:
             if (task is None or task.status != p.RUNNING or current is None
                     or current.number != item[1] or current.worker != worker.id
                     or task.cancel_requested):
-                self._send_kill(worker, item[0], item[1])
+                self._send_kill(worker, item[0], item[1], p.NOT_LEASED)
 
     def _check_running(self, worker: WorkerInfo, running: object) -> None:
         """Leases the state gives this worker but that it no longer runs, with no result
@@ -240,7 +240,7 @@ class WorkerDesk:
             d.lease_settled(task_id, worker_id, ok)
             worker = d.workers.get(worker_id)
             if not ok and worker is not None:  # e.g. cancelled meanwhile: stop that run
-                self._send_kill(worker, task_id, number)
+                self._send_kill(worker, task_id, number, p.NOT_LEASED)
 
     def kill(self, task: sm.Task) -> None:
         d = self.server.dispatcher
@@ -251,9 +251,15 @@ class WorkerDesk:
         if worker is not None and worker.ident:
             self._send_kill(worker, task.id, current.number)
 
-    def _send_kill(self, worker: WorkerInfo, task_id: str, attempt: int) -> None:
-        self.server.send(worker.ident, p.pack({"v": p.VERSION, "t": p.KILL,
-                                               "task_id": task_id, "attempt": attempt}))
+    def _send_kill(self, worker: WorkerInfo, task_id: str, attempt: int,
+                   reason: str = "") -> None:
+        """reason NOT_LEASED: the state does not give that attempt to this worker (a new
+        leader, a refused lease), so its end must not count as a cancel: the worker
+        reports it lost (or rejected, if it never started) and the task runs again."""
+        msg = {"v": p.VERSION, "t": p.KILL, "task_id": task_id, "attempt": attempt}
+        if reason:
+            msg["reason"] = reason
+        self.server.send(worker.ident, p.pack(msg))
 
     # ------------------------------------------------------------------ liveness
 

@@ -196,13 +196,23 @@ class Worker:
 
     def _on_kill(self, msg: dict) -> None:
         key = (p.task_id_of(msg), p.get_int(msg, "attempt", lo=0))
+        # A cancel ends the attempt `cancelled`. An attempt the leader's state does not
+        # give us (a new leader; it may push the same attempt number again) must not:
+        # it ends `lost` (retried), or `rejected` if it never started.
+        cancel = p.get_str(msg, "reason", "cancel", max_len=32) != p.NOT_LEASED
         if self.waiting.pop(key, None) is not None:
-            return self._report(key, p.KILLED, "cancelled on request before it started")
+            if cancel:
+                return self._report(key, p.KILLED, "cancelled on request before it started")
+            return self._report(key, p.REJECTED, "not leased to this worker; not started")
         job = self.jobs.get(key)
         if job is None:
             log.info("event=kill_ignored task_id=%s attempt=%d reason=not_running", *key)
             return
-        self._stop(job, p.KILLED, "cancelled on request", time.monotonic())
+        if cancel:
+            self._stop(job, p.KILLED, "cancelled on request", time.monotonic())
+        else:
+            self._stop(job, p.LOST, "stopped: the leader's state does not lease this "
+                       "attempt to this worker", time.monotonic())
 
     def _on_ack(self, msg: dict) -> None:
         key = (p.task_id_of(msg), p.get_int(msg, "attempt", lo=0))

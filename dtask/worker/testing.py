@@ -119,9 +119,12 @@ class FakeScheduler:
     def run(self, *tasks: dict, worker: str | None = None) -> None:
         self.send({"v": p.VERSION, "t": p.RUN, "tasks": list(tasks)}, worker)
 
-    def kill(self, task_id: str, attempt: int = 1, worker: str | None = None) -> None:
-        self.send({"v": p.VERSION, "t": p.KILL, "task_id": task_id, "attempt": attempt},
-                  worker)
+    def kill(self, task_id: str, attempt: int = 1, worker: str | None = None,
+             reason: str | None = None) -> None:
+        msg = {"v": p.VERSION, "t": p.KILL, "task_id": task_id, "attempt": attempt}
+        if reason is not None:
+            msg["reason"] = reason
+        self.send(msg, worker)
 
     # -- the protocol, as little as needed -------------------------------------------
 
