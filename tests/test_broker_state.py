@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import time
 
 import pytest
 
@@ -269,9 +270,10 @@ def test_a_worker_asking_for_prefetch_gets_tasks_beyond_its_slots_until_it_stops
     assert w.free() == 0 and w.free_slots() == 0 and d.assign(T0) == []
     # a task turned long: it asks for no prefetch; its 5 held tasks cover its 2 slots
     w.report_credits(0, prefetch=0)
-    w.assigned -= {"t0", "t1", "t2"}  # three results arrived
+    for t in ("t0", "t1", "t2"):  # three results arrived
+        del w.assigned[t]
     assert w.free() == 0 and not w.draining and d.assign(T0) == []
-    w.assigned.discard("t3")
+    del w.assigned["t3"]
     assert [x[0] for x in d.assign(T0)] == ["t5"]
     w.report_credits(1)  # an older worker says nothing of prefetch: the last word stands
     assert w.prefetch == 0 and w.capacity() == 2
@@ -369,16 +371,24 @@ def test_a_lease_the_worker_no_longer_runs_is_expired_after_two_heartbeats(h):
     w = d.register(worker("w1", credits=4), running={"b"})
     d.sync("a")
     d.sync("b")
-    desk = WorkerDesk(SimpleNamespace(state=h.s, dispatcher=d))
+    desk = WorkerDesk(SimpleNamespace(state=h.s, dispatcher=d,
+                                      cfg=SimpleNamespace(heartbeat_interval=1.0)))
     desk._check_running(w, [["b", 1]])
     assert desk.expired == []  # once could be a race with a result in flight
     desk._check_running(w, [["b", 1]])
     assert [e[:3] for e in desk.expired] == [["a", 1, p.LOST]]
-    w.assigned.add("a")  # pushed again and not reported yet: not a suspect
+    w.assigned["a"] = time.monotonic()  # pushed again and not reported yet: not a suspect
     desk.expired.clear()
     desk._check_running(w, [["b", 1]])
     desk._check_running(w, [["b", 1]])
-    assert desk.expired == []
+    assert desk.expired == [] and "a" in w.assigned
+    # ...unless the push is older than PUSH_GRACE_HEARTBEATS intervals and the worker
+    # still does not list it: that `run` never reached it (or it ignored it)
+    w.assigned["a"] = time.monotonic() - 5.5
+    desk._check_running(w, [["b", 1]])
+    desk._check_running(w, [["b", 1]])
+    assert [e[:3] for e in desk.expired] == [["a", 1, p.LOST]]
+    assert "a" not in w.assigned  # its slot is free again
 
 
 def test_rejected_attempts_do_not_use_up_retries(h):

@@ -165,6 +165,29 @@ def test_a_sigkilled_worker_takes_its_shell_tasks_along(fakes: list[FakeSchedule
         time.sleep(0.05)
 
 
+def test_a_repeated_run_of_an_unacknowledged_attempt_gets_its_result_again(
+        fakes: list[FakeScheduler]) -> None:
+    """A new leader may push an attempt the worker already ran (its lease never
+    committed under the old leader). The worker must not run it again nor ignore the
+    push: the result it still holds answers it, at once."""
+    fake = fakes[0]
+    fake.drop_results = 1000  # never acknowledged: the worker keeps its results
+    # Slow heartbeats: no liveness probe (which re-sends held results) during the test.
+    worker = WorkerProcess([fake.endpoint], *FAST, "--heartbeat-interval", "5",
+                           "--result-resend-interval", "30", "--ack-timeout", "0.3")
+    try:
+        fake.wait_for(lambda: fake.messages(p.HEARTBEAT), 10, "heartbeats")
+        t = task("rr-1", "shell", {"cmd": "echo once"})
+        fake.run(t)
+        first = fake.wait_result("rr-1")
+        fake.run(t)
+        fake.wait_for(lambda: len(fake.results("rr-1")) == 2, 3, "the result again")
+        again = fake.results("rr-1")[1]
+        assert again["log"] == b"once\n" and again["started_us"] == first["started_us"]
+    finally:
+        finish(worker)
+
+
 def test_shutdown_waits_for_acks_but_not_forever(fakes: list[FakeScheduler]) -> None:
     fake = fakes[0]
     worker = WorkerProcess([fake.endpoint], "--ack-timeout", "0.5",

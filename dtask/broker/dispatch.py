@@ -39,10 +39,10 @@ class WorkerInfo:
     last_seen: float = 0.0  # time.monotonic()
     registered: bool = True  # False: known only from the state (a RUNNING lease)
     running: set[str] = field(default_factory=set)  # leases the state gives it
-    # Tasks pushed to it whose result has not arrived yet: what occupies its slots.
-    # Counted here rather than trusted from its heartbeats, whose "free slots" can
-    # be stale by the time they arrive (a heartbeat overtaken by a push).
-    assigned: set[str] = field(default_factory=set)
+    # Tasks pushed to it whose result has not arrived yet (-> when, time.monotonic()):
+    # what occupies its slots. Counted here rather than trusted from its heartbeats,
+    # whose "free slots" can be stale by the time they arrive (overtaken by a push).
+    assigned: dict[str, float] = field(default_factory=dict)
     draining: bool = False  # it reported no free slot while we counted some: stop
     drain_requested: bool = False  # an operator asked it to drain: never again
     missing: set[str] = field(default_factory=set)  # leased here, absent from a heartbeat
@@ -214,8 +214,10 @@ class Dispatcher:
         old = self.workers.get(info.id)
         if old is not None:
             info.running = old.running  # leases survive a re-registration
-        info.assigned = set(running or ()) | {t for t in self.leasing
-                                        if old is not None and t in old.assigned}
+        now = time.monotonic()
+        info.assigned = dict.fromkeys(running or (), now)
+        if old is not None:
+            info.assigned.update((t, at) for t, at in old.assigned.items() if t in self.leasing)
         self.workers[info.id] = info
         return info
 
@@ -234,6 +236,7 @@ class Dispatcher:
         if self.rebuilding or not any(self.ready.values()):
             return []
         heap = [(-w.free(), w.id) for w in self.workers.values() if w.registered and w.free() > 0]
+        now = time.monotonic()
         heapq.heapify(heap)
         leases = []
         while heap:
@@ -244,7 +247,7 @@ class Dispatcher:
                 continue  # nothing this worker can run; others may still find work
             self._unqueue(task)
             self.leasing.add(task.id)
-            worker.assigned.add(task.id)
+            worker.assigned[task.id] = now
             deadline = (now_us + int((task.timeout + self.lease_grace) * 1e6)
                         if task.timeout else 0)
             leases.append((task.id, task.attempt + 1, worker.id, deadline))
@@ -268,7 +271,7 @@ class Dispatcher:
         if not granted:
             worker = self.workers.get(worker_id)
             if worker is not None:
-                worker.assigned.discard(task_id)
+                worker.assigned.pop(task_id, None)
         self.sync(task_id)
 
     def stats(self) -> dict:

@@ -9,6 +9,7 @@ worker keeps (and re-sends) it across a leader change until it is safely recorde
 from __future__ import annotations
 
 import logging
+import math
 import time
 from typing import TYPE_CHECKING
 
@@ -22,6 +23,11 @@ if TYPE_CHECKING:
 log = logging.getLogger("dtask.broker.workers")
 
 MAX_LIVE_LOG = p.MAX_LOG
+# A pushed task the worker has not listed as running for this many heartbeat intervals
+# never reached it (a `run` lost on a reconnect, or ignored as a repeat): it becomes
+# a suspect like any lease the worker does not report. Long enough for a result the
+# worker holds to be re-sent first (every 2 s by default).
+PUSH_GRACE_HEARTBEATS = 5
 
 
 class WorkerDesk:
@@ -115,12 +121,15 @@ class WorkerDesk:
         """Leases the state gives this worker but that it no longer runs, with no result
         on the way, would stay RUNNING forever (e.g. its result went to a leader that
         lost office and the next one refused it as early). Seen missing in two
-        heartbeats in a row, such an attempt is expired as lost and retried."""
+        heartbeats in a row, such an attempt is expired as lost and retried. So is one
+        pushed to it more than PUSH_GRACE_HEARTBEATS ago that it never listed."""
         if not isinstance(running, list):
             return
         reported = {r[0] for r in running if isinstance(r, list) and r}
-        suspects = {t for t in worker.running
-                    if t not in reported and t not in worker.assigned}
+        grace = PUSH_GRACE_HEARTBEATS * self.server.cfg.heartbeat_interval
+        pushed_before = time.monotonic() - grace
+        suspects = {t for t in worker.running if t not in reported
+                    and worker.assigned.get(t, -math.inf) < pushed_before}
         now_us = time.time_ns() // 1000
         for task_id in suspects & worker.missing:
             task = self.server.state.get(task_id)
@@ -128,6 +137,7 @@ class WorkerDesk:
             if task is not None and task.status == p.RUNNING and current is not None:
                 log.warning("event=attempt_lost task=%s attempt=%d worker=%s reason=not_running",
                             task_id, current.number, worker.id)
+                worker.assigned.pop(task_id, None)  # its slot: no result will free it
                 self.expired.append([task_id, current.number, p.LOST,
                                      "the worker no longer runs it", now_us])
         worker.missing = suspects - worker.missing
@@ -144,7 +154,7 @@ class WorkerDesk:
         result, output = msg.get("result", b""), msg.get("log", b"")
         if not isinstance(result, bytes) or not isinstance(output, bytes):
             raise p.ProtocolError(p.BAD_REQUEST, "fields result and log must be binary")
-        worker.assigned.discard(task_id)  # its slot is free as of now
+        worker.assigned.pop(task_id, None)  # its slot is free as of now
         if "credits" in msg:
             self._credits(worker, msg)
         task = self.server.state.get(task_id)

@@ -231,6 +231,11 @@ class Worker:
         key = (p.task_id_of(raw), p.get_int(raw, "attempt", lo=0))
         if key in self.jobs or key in self.waiting or key in self.recent:
             log.info("event=duplicate_run task_id=%s attempt=%d", *key)
+            if key in self.outbox.entries:
+                # Ran here, its result not acknowledged yet: a new leader pushes the same
+                # attempt again (the old one's lease never committed). That result is the
+                # answer to this push too: send it now, or the push waits for nothing.
+                self._send_result(key, now)
             return
         c = self.config
         if self.draining:
