@@ -76,38 +76,45 @@ def failover_table(scenario: Scenario, rows: list[Row], title_args: dict,
 NOT_APPLICABLE = "peers: not applicable (no replicated state / no write-behind mirror)"
 
 
-def scale_table(scenario: Scenario, rows: list[Row], title_args: dict) -> str:
+def _dtask_only_table(scenario: Scenario, rows: list[Row], title_args: dict,
+                      columns: list[str], cells) -> str:
+    """A table of the DTask-only scenarios: `cells(result)` gives a row's figures."""
+    blank = " |" * (len(columns) - 1)
     lines = [f"### {scenario.title.format(**title_args)}", "",
-             "| system | guarantees | submit_many tasks/s: overall | first 10% of calls "
-             "| last 10% of calls | leader RSS MiB (at start) | leader bytes per pending task "
-             "| dispatch tasks/s with them pending |", "|---|---|---|---|---|---|---|---|"]
+             "| system | guarantees | " + " | ".join(columns) + " |",
+             "|---|---|" + "---|" * len(columns)]
     for cfg, res, err in rows:
         if not res:
-            lines.append(f"| {cfg.name} | {cfg.guarantees} | failed: {err} | | | | | |")
+            lines.append(f"| {cfg.name} | {cfg.guarantees} | failed: {err} |{blank}")
             continue
-        disp = f"{res['dispatch'].median:,.0f}" if "dispatch" in res else "not run"
-        lines.append(f"| {cfg.name} | {cfg.guarantees} | {res['overall'].median:,.0f} "
-                     f"| {res['first10'].median:,.0f} | {res['last10'].median:,.0f} "
-                     f"| {res['rss_mib'].median:,.0f} ({res['rss_start_mib'].median:,.0f}) "
-                     f"| {res['bytes_per_task'].median:,.0f} | {disp} |")
-    lines.append(f"| {NOT_APPLICABLE} | | | | | | | |")
+        lines.append(f"| {cfg.name} | {cfg.guarantees} | " + " | ".join(cells(res)) + " |")
+    lines.append(f"| {NOT_APPLICABLE} | |{blank} |")
     return "\n".join(lines)
+
+
+def scale_table(scenario: Scenario, rows: list[Row], title_args: dict) -> str:
+    def cells(res: dict) -> list[str]:
+        disp = f"{res['dispatch'].median:,.0f}" if "dispatch" in res else "not run"
+        return [f"{res['overall'].median:,.0f}", f"{res['first10'].median:,.0f}",
+                f"{res['last10'].median:,.0f}",
+                f"{res['rss_mib'].median:,.0f} ({res['rss_start_mib'].median:,.0f})",
+                f"{res['bytes_per_task'].median:,.0f}", disp]
+
+    return _dtask_only_table(scenario, rows, title_args, [
+        "submit_many tasks/s: overall", "first 10% of calls", "last 10% of calls",
+        "leader RSS MiB (at start)", "leader bytes per pending task",
+        "dispatch tasks/s with them pending"], cells)
 
 
 def persist_table(scenario: Scenario, rows: list[Row], title_args: dict) -> str:
-    lines = [f"### {scenario.title.format(**title_args)}", "",
-             "| system | guarantees | lag p50 s | lag p99 s | lag max s | rows written/s "
-             "| submitted/s | drained after load s |", "|---|---|---|---|---|---|---|---|"]
-    for cfg, res, err in rows:
-        if not res:
-            lines.append(f"| {cfg.name} | {cfg.guarantees} | failed: {err} | | | | | |")
-            continue
-        lines.append(f"| {cfg.name} | {cfg.guarantees} | {res['lag_p50'].median:.3f} "
-                     f"| {res['lag_p99'].median:.3f} | {res['lag_max'].median:.3f} "
-                     f"| {res['rows_per_s'].median:,.0f} | {res['submitted_per_s'].median:,.0f} "
-                     f"| {res['drain_s'].median:.2f} |")
-    lines.append(f"| {NOT_APPLICABLE} | | | | | | | |")
-    return "\n".join(lines)
+    def cells(res: dict) -> list[str]:
+        return [f"{res['lag_p50'].median:.3f}", f"{res['lag_p99'].median:.3f}",
+                f"{res['lag_max'].median:.3f}", f"{res['rows_per_s'].median:,.0f}",
+                f"{res['submitted_per_s'].median:,.0f}", f"{res['drain_s'].median:.2f}"]
+
+    return _dtask_only_table(scenario, rows, title_args, [
+        "lag p50 s", "lag p99 s", "lag max s", "rows written/s", "submitted/s",
+        "drained after load s"], cells)
 
 
 def render(scenario: Scenario, rows: list[Row], title_args: dict,

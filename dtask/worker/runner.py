@@ -8,6 +8,7 @@ loop never blocks on a task; blocking work lives in child processes.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import signal
 import socket
@@ -108,10 +109,12 @@ class Worker:
         in PREFETCH_HORIZON, and none while a running task is long."""
         if not self.prefetch_room or self.draining:
             return 0
-        if self.jobs and now_us() - min(job.started_us for job in self.jobs.values()) \
-                > PREFETCH_WHILE_UNDER * 1e6:
+        if self.jobs and now_us() - self._oldest_start_us() > PREFETCH_WHILE_UNDER * 1e6:
             return 0
         return self.prefetch_room
+
+    def _oldest_start_us(self) -> int:
+        return min(job.started_us for job in self.jobs.values())
 
     def _measured(self, held_us: int) -> None:
         """A task gave its slot back after `held_us`: update what prefetch may ask for."""
@@ -371,24 +374,7 @@ class Worker:
                     due = min(due, job.kill_at)
             elif job.deadline:
                 due = min(due, job.deadline)
-        if self.told_prefetch and self.jobs:
-            # A task just became long: tell the leader at once to stop prefetching to
-            # us, so new tasks wait at the leader for whichever worker frees up first.
-            if not self.prefetch():
-                self.told_prefetch = 0  # what the heartbeat will say
-                self.conn.heartbeat_now()
-                due = now
-            else:
-                oldest_us = min(job.started_us for job in self.jobs.values())
-                due = min(due, now + (oldest_us - now_us()) / 1e6 + PREFETCH_WHILE_UNDER)
-        if self.waiting:
-            oldest = next(iter(self.waiting.values()))[1]
-            if now - oldest >= PREFETCH_HAND_BACK:
-                self._hand_back([k for k, (_, at) in self.waiting.items()
-                                 if now - at >= PREFETCH_HAND_BACK],
-                                f"handed back: waited {PREFETCH_HAND_BACK:g} s for a free slot")
-            if self.waiting:
-                due = min(due, next(iter(self.waiting.values()))[1] + PREFETCH_HAND_BACK)
+        due = min(due, self._prefetch_tick(now))
         if self.jobs:
             if now >= self.next_flush:
                 for job in self.jobs.values():
@@ -409,6 +395,26 @@ class Worker:
                 due = min(due, respawn)
         if self.draining:
             due = min(due, self._drain_tick(now))
+        return due
+
+    def _prefetch_tick(self, now: float) -> float:
+        """Tell the leader at once when a task turns long, so new tasks wait at the leader
+        for whichever worker frees up first; hand back held tasks that waited too long.
+        Returns when to look again."""
+        due = math.inf
+        if self.told_prefetch and self.jobs:
+            if not self.prefetch():
+                self.told_prefetch = 0  # what the heartbeat will say
+                self.conn.heartbeat_now()
+                due = now
+            else:
+                due = now + (self._oldest_start_us() - now_us()) / 1e6 + PREFETCH_WHILE_UNDER
+        while self.waiting:  # in arrival order: the ones waited too long come first
+            key, (_, arrived) = next(iter(self.waiting.items()))
+            if now - arrived < PREFETCH_HAND_BACK:
+                return min(due, arrived + PREFETCH_HAND_BACK)
+            self._hand_back([key], f"handed back: waited {PREFETCH_HAND_BACK:g} s for a "
+                            "free slot")
         return due
 
     def _drain_tick(self, now: float) -> float:
