@@ -279,6 +279,68 @@ def test_a_worker_asking_for_prefetch_gets_tasks_beyond_its_slots_until_it_stops
     assert w.prefetch == 0 and w.capacity() == 2
 
 
+def test_early_lease_runs_a_new_task_on_an_idle_worker_before_its_submit_applies(h):
+    d = make_dispatcher(h)
+    w = d.register(worker("w", credits=2))
+    submitted = [wire("a", key="ka"), wire("b", key="kb"), wire("c", key="kc")]
+    leases = d.assign_early(submitted, T0)
+    assert [x[:3] for x in leases] == [("a", 1, "w"), ("b", 1, "w")]  # 2 slots: c waits
+    assert "a" not in h.s.tasks and d.task("a").id == "a"  # leader-only, until it applies
+    assert w.free() == 0
+    # The log holds SUBMIT, then the LEASE, as the leader proposed them.
+    assert h.submit(*submitted) == [["a", False], ["b", False], ["c", False]]
+    for tid in ("a", "b", "c"):
+        d.sync(tid)
+    assert d.early == {} and not d.early_keys
+    assert h.do(sm.LEASE, [list(x) for x in leases]) == [True, True]
+    for tid, _, wid, _ in leases:
+        d.lease_settled(tid, wid, True)
+    assert h.s.tasks["a"].status == p.RUNNING and h.s.tasks["c"].status == p.PENDING
+    assert d.assign(T0) == []  # no slot left for c
+    assert d.stats()["early_leases"] == 2
+
+
+def test_early_lease_takes_higher_priorities_first_and_overtakes_no_queued_task(h):
+    d = make_dispatcher(h)
+    w = d.register(worker("w", credits=1))
+    leases = d.assign_early([wire("low"), wire("high", prio=5)], T0)
+    assert [x[0] for x in leases] == ["high"]
+    # A queued task this worker could run: nothing new is leased early ahead of it.
+    h.submit(wire("queued"))
+    d.sync("queued")
+    del w.assigned["high"]  # its result arrived
+    assert d.assign_early([wire("new", prio=9)], T0) == []
+    assert [x[0] for x in d.assign(T0)] == ["queued"]
+
+
+def test_early_lease_skips_duplicates_later_tasks_and_unserved_routes(h):
+    h.submit(wire("old", key="k1"))
+    d = make_dispatcher(h)
+    d.register(worker("w", credits=10))
+    d.assign(T0)  # "old" leased normally
+    assert d.assign_early([
+        wire("dup-key", key="k1"), wire("old"), wire("later", run_at=T0 + 1_000_000),
+        wire("mail", queue="mail"), wire("x", key="k2"), wire("x-again", key="k2"),
+        wire("mine"), wire("mine"),  # a client-chosen id twice
+    ], T0) == [("x", 1, "w", 0), ("mine", 1, "w", 0)]
+
+
+def test_an_early_lease_whose_submit_made_no_task_is_refused_and_frees_the_slot(h):
+    h.submit(wire("first", key="k"))
+    d = make_dispatcher(h)
+    w = d.register(worker("w", credits=1))
+    h.lease("first", worker="other")
+    d.sync("first")
+    # A wire that turns out a duplicate once applied (its key reached the log by
+    # another leader's hand since): the lease for the id it would have had is refused.
+    [lease] = d.assign_early([wire("second", key="k2")], T0)
+    h.s.by_key["k2"] = "first"  # as if an earlier SUBMIT with k2 applied meanwhile
+    assert h.submit(wire("second", key="k2")) == [["first", True]]
+    assert h.do(sm.LEASE, [list(lease)]) == [False]
+    d.lease_settled("second", "w", False)
+    assert "second" not in h.s.tasks and d.early == {} and w.free() == 1
+
+
 def test_scheduled_tasks_wait_for_their_timer(h):
     h.submit(wire("later", run_at=T0 + 2_000_000))
     d = make_dispatcher(h)

@@ -66,6 +66,22 @@ def test_priorities_are_honoured_when_workers_are_saturated(cluster, client):
     assert order == [9, 5, 3, 1]
 
 
+def test_an_idle_worker_gets_a_new_task_before_its_submit_commits(cluster, client):
+    """Leased early (behind its SUBMIT in the log): it runs once and completes."""
+    cluster.start_worker("w1", 1)
+    client.wait(client.submit("shell", {"cmd": "true"}), timeout=30)  # w1 registered
+    leader = cluster.wait_leader()
+    before = cluster.node_info(leader)["dispatch"]["early_leases"]
+    ids, tasks = [], []
+    for _ in range(5):  # one at a time: the worker is idle at each submit
+        ids.append(client.submit("shell", {"cmd": "echo run-$0"}))
+        tasks.append(client.wait(ids[-1], timeout=30))
+    assert [t["status"] for t in tasks] == [p.COMPLETED] * 5
+    assert [len(t["attempts"]) for t in tasks] == [1] * 5
+    assert cluster.node_info(leader)["dispatch"]["early_leases"] - before == 5
+    assert all(b"run-" in client.logs(i) for i in ids)
+
+
 def test_delayed_task_starts_at_its_time_not_before(cluster, client):
     cluster.start_worker("w1", 2)
     before = time.time()

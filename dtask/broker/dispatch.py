@@ -13,7 +13,7 @@ import heapq
 import itertools
 import random
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 from .. import protocol as p
@@ -94,6 +94,11 @@ class Dispatcher:
         self.timers = TimerQueue()
         self.workers: dict[str, WorkerInfo] = {}
         self.leasing: set[str] = set()  # lease proposed, not applied yet
+        # Tasks leased early (assign_early): their SUBMIT is not applied yet, so the
+        # state does not hold them; by id, and their idempotency keys.
+        self.early: dict[str, Task] = {}
+        self.early_keys: set[str] = set()
+        self.early_leases = 0  # how many, for operators
         self.worker_of: dict[str, str] = {}  # running task id -> worker id
         self.rebuilding = False
         self._todo: Iterator[str] = iter(())
@@ -130,6 +135,9 @@ class Dispatcher:
 
     def sync(self, task_id: str, now: float | None = None) -> None:
         """Bring the queues in line with the task's replicated state."""
+        early = self.early.pop(task_id, None)
+        if early is not None:  # its SUBMIT applied (or its lease was refused)
+            self.early_keys.discard(early.idempotency_key)
         task = self.state.get(task_id)
         if task is not None:
             self._unqueue(task)
@@ -227,6 +235,66 @@ class Dispatcher:
 
     # ------------------------------------------------------------------ dispatch
 
+    def task(self, task_id: str) -> Task | None:
+        """The task from the state, or one leased early whose SUBMIT has not applied."""
+        return self.state.tasks.get(task_id) or self.early.get(task_id)
+
+    def assign_early(self, wires: Iterable[list], now_us: int) -> list[tuple[str, int, str, int]]:
+        """Lease newly proposed tasks to idle workers before their SUBMIT commits.
+
+        A task submitted while a worker that serves it sits idle would otherwise wait
+        a whole quorum round (its SUBMIT's commit) before its lease is even proposed.
+        Its lease is proposed right behind its SUBMIT instead (the log keeps that
+        order, so every replica applies the lease to the task the SUBMIT created) and
+        it is pushed at once. Only to a worker with free room and no queued task it
+        could run, so nothing queued is overtaken; higher priorities first. If this
+        leader dies before the SUBMIT commits, the task may have run although no
+        replica holds it: the client, not acknowledged, submits it again with the
+        same idempotency key (at-least-once). Returns leases as `assign` does.
+        """
+        if self.rebuilding:
+            return []
+        idle = [w for w in self.workers.values()
+                if w.registered and w.free() > 0 and self._best_for(w) is None]
+        if not idle:
+            return []
+        served: dict[Route, bool] = {}
+        wanted = []
+        keys = set(self.early_keys)  # and this batch's: one key (one id), one task
+        ids: set[str] = set()
+        for wire in wires:
+            if not self.state.is_new_now(wire):
+                continue
+            task = TaskState.task_of(wire, now_us)
+            if task.id in self.early or task.id in ids:
+                continue
+            ids.add(task.id)
+            if task.idempotency_key:
+                if task.idempotency_key in keys:
+                    continue
+                keys.add(task.idempotency_key)
+            route = _route(task)
+            if route not in served:
+                served[route] = any(w.serves(route) for w in idle)
+            if served[route]:
+                wanted.append(task)
+        # Higher priorities first, FIFO within one (nsmallest is stable).
+        room = sum(w.free() for w in idle)
+        now = time.monotonic()
+        leases = []
+        for task in heapq.nsmallest(room, wanted, key=lambda t: -t.priority):
+            route = _route(task)
+            worker = max((w for w in idle if w.free() > 0 and w.serves(route)),
+                         key=WorkerInfo.free, default=None)
+            if worker is None:
+                continue
+            self.early[task.id] = task
+            if task.idempotency_key:
+                self.early_keys.add(task.idempotency_key)
+            leases.append(self._lease(task, worker, now, now_us))
+        self.early_leases += len(leases)
+        return leases
+
     def assign(self, now_us: int) -> list[tuple[str, int, str, int]]:
         """Match ready tasks to free worker slots: most free slots first, best task first.
 
@@ -246,14 +314,17 @@ class Dispatcher:
             if task is None:
                 continue  # nothing this worker can run; others may still find work
             self._unqueue(task)
-            self.leasing.add(task.id)
-            worker.assigned[task.id] = now
-            deadline = (now_us + int((task.timeout + self.lease_grace) * 1e6)
-                        if task.timeout else 0)
-            leases.append((task.id, task.attempt + 1, worker.id, deadline))
+            leases.append(self._lease(task, worker, now, now_us))
             if worker.free() > 0:
                 heapq.heappush(heap, (neg_free + 1, worker_id))
         return leases
+
+    def _lease(self, task: Task, worker: WorkerInfo, now: float,
+               now_us: int) -> tuple[str, int, str, int]:
+        self.leasing.add(task.id)
+        worker.assigned[task.id] = now
+        deadline = now_us + int((task.timeout + self.lease_grace) * 1e6) if task.timeout else 0
+        return (task.id, task.attempt + 1, worker.id, deadline)
 
     def _best_for(self, worker: WorkerInfo) -> Task | None:
         best: Task | None = None
@@ -276,7 +347,8 @@ class Dispatcher:
 
     def stats(self) -> dict:
         return {"ready": sum(len(q) for q in self.ready.values()), "timers": len(self.timers),
-                "workers": len(self.workers), "leasing": len(self.leasing)}
+                "workers": len(self.workers), "leasing": len(self.leasing),
+                "early_leases": self.early_leases}
 
 
 def _route(task: Task) -> Route:

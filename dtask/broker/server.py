@@ -541,6 +541,7 @@ class SchedulerServer(NodeDaemon):
             batch, self.pending.submits = self.pending.submits, []
             self.propose(sm.SUBMIT, now_us, [w for _, _, w in batch],
                          lambda res, err, b=batch: self._submitted(b, res, err))
+            self.desk.dispatch_early((w for _, _, ws in batch for w in ws), now_us)
         if self.pending.cancels:
             batch, self.pending.cancels = self.pending.cancels, []
             self.propose(sm.CANCEL, now_us, [t for _, _, t in batch],

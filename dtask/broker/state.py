@@ -236,6 +236,21 @@ class TaskState:
         self._add(task)
         return task
 
+    def is_new_now(self, wire: list) -> bool:
+        """Applying this SUBMIT wire next would create a new PENDING task (not a
+        duplicate of a known id or idempotency key, not due later)."""
+        return not wire[11] and not (wire[10] and wire[10] in self.by_key) \
+            and wire[0] not in self.tasks
+
+    @staticmethod
+    def task_of(wire: list, now_us: int) -> Task:
+        """The task a SUBMIT wire describes, as `create` would make it (no seq yet);
+        for the leader's early dispatch, which must not touch the state."""
+        (task_id, name, ttype, payload, ctype, prio, queue, labels, timeout, retry,
+         key, run_at) = wire
+        return Task(task_id, name, ttype, payload, ctype, prio, queue, tuple(sorted(labels)),
+                    timeout, _policy(retry), key, now_us, 0, p.PENDING, run_at)
+
     def _lease(self, now_us: int, leases: list) -> list[bool]:
         granted = []
         for task_id, number, worker, deadline_us in leases:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 from .. import protocol as p
@@ -157,11 +158,12 @@ class WorkerDesk:
         worker.assigned.pop(task_id, None)  # its slot is free as of now
         if "credits" in msg:
             self._credits(worker, msg)
-        task = self.server.state.get(task_id)
+        d = self.server.dispatcher
+        task = d.task(task_id)
         now_us = time.time_ns() // 1000
         # The backoff follows the reported attempt: with dispatch ahead of the lease's
-        # commit, the state may not count that attempt yet.
-        retry_at = self.server.dispatcher.retry_at_us(task, now_us, number) if task else 0
+        # commit, the state may not count that attempt yet (nor, leased early, the task).
+        retry_at = d.retry_at_us(task, now_us, number) if task else 0
         if outcome == p.REJECTED:
             retry_at = now_us  # it never ran: no backoff, another worker may take it now
         self.results.append((ident, [
@@ -174,8 +176,10 @@ class WorkerDesk:
         key = (p.task_id_of(msg), p.get_int(msg, "attempt", lo=1))
         offset = p.get_int(msg, "offset", 0, lo=0)
         data = msg.get("data", b"")
-        task = self.server.state.get(key[0])
-        if not isinstance(data, bytes) or task is None or task.status != p.RUNNING:
+        d = self.server.dispatcher
+        task = d.task(key[0])
+        if not isinstance(data, bytes) or task is None or (
+                task.status != p.RUNNING and task.id not in d.leasing):
             return
         buf = self.live_logs.setdefault(key, bytearray())
         if offset > len(buf):  # a chunk went missing: say so instead of splicing silently
@@ -216,13 +220,20 @@ class WorkerDesk:
             self.expired.append([task_id, number, outcome, reason,
                                  d.retry_at_us(task, now_us, number)])
             self.kill(task)
-        leases = d.assign(now_us)
+        self._lease(d.assign(now_us), now_us)
+        if self.expired and self.server.node.is_leader:
+            self.flush(now_us)
+
+    def dispatch_early(self, wires: Iterable[list], now_us: int) -> None:
+        """Just-proposed SUBMIT wires: lease those idle workers can start now, behind
+        their SUBMIT in the log (`Dispatcher.assign_early`)."""
+        self._lease(self.server.dispatcher.assign_early(wires, now_us), now_us)
+
+    def _lease(self, leases: list[tuple[str, int, str, int]], now_us: int) -> None:
         if leases:
             self.server.propose(sm.LEASE, now_us, [list(x) for x in leases],
                                 lambda res, err, b=leases: self._leases_applied(b, res, err))
             self._push(leases)
-        if self.expired and self.server.node.is_leader:
-            self.flush(now_us)
 
     def _push(self, leases: list[tuple[str, int, str, int]]) -> None:
         """Send tasks to their workers now, while their leases commit in the background.
@@ -233,8 +244,9 @@ class WorkerDesk:
         first run's result is then fenced off by its attempt number and worker.
         """
         runs: dict[str, list[dict]] = {}
+        task = self.server.dispatcher.task
         for task_id, number, worker_id, _ in leases:
-            t = self.server.state.tasks[task_id]
+            t = task(task_id)
             runs.setdefault(worker_id, []).append(
                 {"task_id": t.id, "attempt": number, "type": t.type, "payload": t.payload,
                  "content_type": t.content_type, "timeout": t.timeout, "name": t.name})
