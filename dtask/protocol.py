@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import msgpack
@@ -304,6 +305,39 @@ class TaskSpec:
     task_id: str = ""
 
 
+_DEFAULT_RETRY = RetryPolicy()
+
+# Optional task spec fields and their checks. Only the fields a spec carries are
+# checked (a client sends the few it sets), so a typical task costs a handful of
+# checks rather than one per field: this runs for every task the leader receives.
+def _str_field(key: str, max_len: int, pattern: re.Pattern | None = None
+               ) -> Callable[[dict], object]:
+    def check(raw: dict) -> object:
+        value = raw[key]
+        if type(value) is str and len(value) <= max_len and (
+                pattern is None or pattern.match(value)):
+            return value
+        return get_str(raw, key, max_len=max_len, pattern=pattern)  # raises the error
+    return check
+
+
+_SPEC_FIELDS: dict[str, Callable[[dict], object]] = {
+    "content_type": _str_field("content_type", 100),
+    "name": _str_field("name", MAX_NAME),
+    "priority": lambda raw: get_int(raw, "priority", lo=-1_000_000, hi=1_000_000),
+    "delay": lambda raw: get_num(raw, "delay"),
+    "at_us": lambda raw: get_int(raw, "at_us", lo=0),
+    "timeout": lambda raw: get_num(raw, "timeout", hi=86400 * 7),
+    "queue": _str_field("queue", 128, _IDENT),
+    "labels": lambda raw: get_str_list(raw, "labels"),
+    "idempotency_key": _str_field("idempotency_key", 255),
+    "task_id": _str_field("task_id", 128),
+}
+
+
+_check_type = _str_field("type", 64, _IDENT)
+
+
 def parse_task_spec(raw: object, max_payload: int = MAX_PAYLOAD) -> TaskSpec:
     if not isinstance(raw, dict):
         raise ProtocolError(BAD_REQUEST, "each task must be a map")
@@ -314,40 +348,34 @@ def parse_task_spec(raw: object, max_payload: int = MAX_PAYLOAD) -> TaskSpec:
     if len(payload) > max_payload:
         raise ProtocolError(TOO_LARGE, f"payload of {len(payload)} bytes exceeds the "
                             f"{max_payload}-byte limit")
-    retry_raw = raw.get("retry", {})
-    if not isinstance(retry_raw, dict):
-        raise ProtocolError(BAD_REQUEST, "field retry must be a map")
-    retry = RetryPolicy(
-        get_int(retry_raw, "max_retries", 3, lo=0, hi=1000),
-        get_num(retry_raw, "initial", 1.0, hi=86400 * 7),
-        get_num(retry_raw, "multiplier", 2.0, lo=1.0, hi=100.0),
-        get_num(retry_raw, "max_delay", 300.0, hi=86400 * 30),
-        get_num(retry_raw, "jitter", 0.1, hi=1.0),
-    )
-    spec = TaskSpec(
-        type=get_str(raw, "type", max_len=64, pattern=_IDENT),
-        payload=payload,
-        content_type=get_str(raw, "content_type", JSON, max_len=100),
-        name=get_str(raw, "name", ""),
-        priority=get_int(raw, "priority", 0, lo=-1_000_000, hi=1_000_000),
-        delay=get_num(raw, "delay", 0.0),
-        at_us=get_int(raw, "at_us", 0, lo=0),
-        timeout=get_num(raw, "timeout", 0.0, hi=86400 * 7),
-        retry=retry,
-        queue=get_str(raw, "queue", "default", max_len=128, pattern=_IDENT),
-        labels=get_str_list(raw, "labels"),
-        idempotency_key=get_str(raw, "idempotency_key", "", max_len=255),
-        task_id=get_str(raw, "task_id", "", max_len=128),
-    )
+    spec = TaskSpec(type=_check_type(raw) if "type" in raw else get_str(raw, "type"),
+                    payload=payload,
+                    retry=_parse_retry(raw["retry"]) if "retry" in raw else _DEFAULT_RETRY)
+    for key in raw:
+        check = _SPEC_FIELDS.get(key)  # unknown fields are ignored
+        if check is not None:
+            setattr(spec, key, check(raw))
     if spec.task_id and not _IDENT.match(spec.task_id):
         raise ProtocolError(BAD_REQUEST, f"field task_id has invalid characters: "
                             f"{spec.task_id!r}")
-    if ASSIGNED_ID.match(spec.task_id):
+    if spec.task_id and ASSIGNED_ID.match(spec.task_id):
         raise ProtocolError(BAD_REQUEST, f"task_id {spec.task_id!r} has the shape of ids the "
                             "cluster assigns (TERM.NODE.SEQ in hex); choose another")
     if spec.delay and spec.at_us:
         raise ProtocolError(BAD_REQUEST, "give delay or at_us, not both")
     return spec
+
+
+def _parse_retry(raw: object) -> RetryPolicy:
+    if not isinstance(raw, dict):
+        raise ProtocolError(BAD_REQUEST, "field retry must be a map")
+    return RetryPolicy(
+        get_int(raw, "max_retries", 3, lo=0, hi=1000),
+        get_num(raw, "initial", 1.0, hi=86400 * 7),
+        get_num(raw, "multiplier", 2.0, lo=1.0, hi=100.0),
+        get_num(raw, "max_delay", 300.0, hi=86400 * 30),
+        get_num(raw, "jitter", 0.1, hi=1.0),
+    )
 
 
 def parse_submit(msg: dict, max_payload: int = MAX_PAYLOAD,
