@@ -66,8 +66,9 @@ class PersistFeed:
     def on_follower(self) -> None:
         self.leading = False
 
-    def step(self, now_us: int) -> None:
-        finished = self.persister.poll()
+    def step(self, now_us: int, woken: bool = True) -> None:
+        """`woken`: the loop saw the persister's wake socket readable."""
+        finished = self.persister.poll(woken)
         # Our own flag, not the node's: the node can be leader a moment before
         # on_leader() has run, and reconciling then would use a stale database index.
         if not (self.leading and self.server.node.is_leader):

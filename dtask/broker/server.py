@@ -139,8 +139,8 @@ class SchedulerServer(NodeDaemon):
                 break
             if self.node.is_leader:
                 self.desk.flush(now_us)
-        self.feed.step(now_us)
-        self.history.poll()
+        self.feed.step(now_us, self.persister.wake in self.readable)
+        self.history.poll(self.history.wake in self.readable)
 
     def poll_timeout_ms(self) -> int:
         timeout = self.node.next_timeout_ms()

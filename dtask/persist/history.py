@@ -79,13 +79,13 @@ class HistoryReader:
         self._waiting.append(req)
         self._jobs.put(req)
 
-    def poll(self) -> int:
+    def poll(self, woken: bool = True) -> int:
         """Call the replies of finished reads, and fail those past their deadline.
 
-        Called when `wake` is readable, and also from the loop's regular tick: a read
-        stuck behind an unreachable server is failed here, on time.
+        Called when `wake` is readable (`woken`: drain it), and also from the loop's
+        regular tick: a read stuck behind an unreachable server is failed here, on time.
         """
-        while True:
+        while woken:
             try:
                 self.wake.recv(zmq.NOBLOCK)
             except zmq.Again:

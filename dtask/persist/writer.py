@@ -82,9 +82,11 @@ class Persister:
         self.db_index = None
         self._jobs.put(_REFRESH)
 
-    def poll(self) -> list[int]:
-        """Drain the wake socket; the last_index of each batch committed since last call."""
-        while True:
+    def poll(self, woken: bool = True) -> list[int]:
+        """The last_index of each batch committed since the last call. `woken`: the
+        loop saw `wake` readable, so drain it (a drain that finds nothing costs an
+        exception, ~7 us, on every loop turn otherwise)."""
+        while woken:
             try:
                 self.wake.recv(zmq.NOBLOCK)
             except zmq.Again:

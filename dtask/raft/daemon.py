@@ -24,6 +24,7 @@ class NodeDaemon:
         self.sock = sock  # the daemon's clients (and workers) talk to this ROUTER
         self.running = True
         self.stopping_since = 0.0
+        self.readable: dict = {}  # this loop turn's poll events, for `turn`
 
     # -- what a daemon provides -------------------------------------------------
 
@@ -59,7 +60,7 @@ class NodeDaemon:
         try:
             while self.running:
                 watchdog.maybe_ping(time.monotonic())
-                events = dict(poller.poll(self.poll_timeout_ms()))
+                events = self.readable = dict(poller.poll(self.poll_timeout_ms()))
                 if self.node.socket in events:
                     self.node.on_readable()
                 if self.node.wake_socket in events:
