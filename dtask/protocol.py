@@ -307,9 +307,7 @@ class TaskSpec:
 
 _DEFAULT_RETRY = RetryPolicy()
 
-# Optional task spec fields and their checks. Only the fields a spec carries are
-# checked (a client sends the few it sets), so a typical task costs a handful of
-# checks rather than one per field: this runs for every task the leader receives.
+
 def _str_field(key: str, max_len: int, pattern: re.Pattern | None = None
                ) -> Callable[[dict], object]:
     def check(raw: dict) -> object:
@@ -321,6 +319,9 @@ def _str_field(key: str, max_len: int, pattern: re.Pattern | None = None
     return check
 
 
+# Optional task spec fields and their checks. Only the fields a spec carries are
+# checked (a client sends the few it sets), so a typical task costs a handful of
+# checks rather than one per field: this runs for every task the leader receives.
 _SPEC_FIELDS: dict[str, Callable[[dict], object]] = {
     "content_type": _str_field("content_type", 100),
     "name": _str_field("name", MAX_NAME),
@@ -333,8 +334,6 @@ _SPEC_FIELDS: dict[str, Callable[[dict], object]] = {
     "idempotency_key": _str_field("idempotency_key", 255),
     "task_id": _str_field("task_id", 128),
 }
-
-
 _check_type = _str_field("type", 64, _IDENT)
 
 
