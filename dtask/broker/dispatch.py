@@ -95,9 +95,8 @@ class Dispatcher:
         self.workers: dict[str, WorkerInfo] = {}
         self.leasing: set[str] = set()  # lease proposed, not applied yet
         # Tasks leased early (assign_early): their SUBMIT is not applied yet, so the
-        # state does not hold them; by id, and their idempotency keys.
+        # state does not hold them.
         self.early: dict[str, Task] = {}
-        self.early_keys: set[str] = set()
         self.early_leases = 0  # how many, for operators
         self.worker_of: dict[str, str] = {}  # running task id -> worker id
         self.rebuilding = False
@@ -135,9 +134,7 @@ class Dispatcher:
 
     def sync(self, task_id: str, now: float | None = None) -> None:
         """Bring the queues in line with the task's replicated state."""
-        early = self.early.pop(task_id, None)
-        if early is not None:  # its SUBMIT applied (or its lease was refused)
-            self.early_keys.discard(early.idempotency_key)
+        self.early.pop(task_id, None)  # its SUBMIT applied (or its lease was refused)
         task = self.state.get(task_id)
         if task is not None:
             self._unqueue(task)
@@ -260,13 +257,12 @@ class Dispatcher:
             return []
         served: dict[Route, bool] = {}
         wanted = []
-        keys = set(self.early_keys)  # and this batch's: one key (one id), one task
-        ids: set[str] = set()
+        # One task per id and per key, counting those leased early before (few).
+        ids = set(self.early)
+        keys = {t.idempotency_key for t in self.early.values()}
         for wire in wires:
-            if not self.state.is_new_now(wire):
-                continue
-            task = TaskState.task_of(wire, now_us)
-            if task.id in self.early or task.id in ids:
+            task = self.state.new_pending(wire, now_us)
+            if task is None or task.id in ids:
                 continue
             ids.add(task.id)
             if task.idempotency_key:
@@ -289,8 +285,6 @@ class Dispatcher:
             if worker is None:
                 continue
             self.early[task.id] = task
-            if task.idempotency_key:
-                self.early_keys.add(task.idempotency_key)
             leases.append(self._lease(task, worker, now, now_us))
         self.early_leases += len(leases)
         return leases

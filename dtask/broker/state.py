@@ -213,9 +213,7 @@ class TaskState:
             for w in wires:
                 (task_id, name, ttype, payload, ctype, prio, queue, labels, timeout, retry,
                  key, run_at) = w
-                existing = self.by_key.get(key) if key else None
-                if existing is None and task_id in self.tasks:
-                    existing = task_id  # a client-chosen id submitted twice
+                existing = self._existing(task_id, key)
                 if existing is not None:
                     results.append([existing, True])
                     continue
@@ -236,20 +234,23 @@ class TaskState:
         self._add(task)
         return task
 
-    def is_new_now(self, wire: list) -> bool:
-        """Applying this SUBMIT wire next would create a new PENDING task (not a
-        duplicate of a known id or idempotency key, not due later)."""
-        return not wire[11] and not (wire[10] and wire[10] in self.by_key) \
-            and wire[0] not in self.tasks
-
-    @staticmethod
-    def task_of(wire: list, now_us: int) -> Task:
-        """The task a SUBMIT wire describes, as `create` would make it (no seq yet);
-        for the leader's early dispatch, which must not touch the state."""
+    def new_pending(self, wire: list, now_us: int) -> Task | None:
+        """The PENDING task applying this SUBMIT wire next would create, built without
+        touching the state (no seq yet); None for a duplicate or a task due later.
+        For the leader's early dispatch."""
         (task_id, name, ttype, payload, ctype, prio, queue, labels, timeout, retry,
          key, run_at) = wire
+        if run_at or self._existing(task_id, key) is not None:
+            return None
         return Task(task_id, name, ttype, payload, ctype, prio, queue, tuple(sorted(labels)),
-                    timeout, _policy(retry), key, now_us, 0, p.PENDING, run_at)
+                    timeout, _policy(retry), key, now_us, 0, p.PENDING, 0)
+
+    def _existing(self, task_id: str, key: str) -> str | None:
+        """The task a submission with this id and idempotency key names already."""
+        existing = self.by_key.get(key) if key else None
+        if existing is None and task_id in self.tasks:
+            existing = task_id  # a client-chosen id submitted twice
+        return existing
 
     def _lease(self, now_us: int, leases: list) -> list[bool]:
         granted = []
