@@ -325,6 +325,17 @@ def test_early_lease_skips_duplicates_later_tasks_and_unserved_routes(h):
     ], T0) == [("x", 1, "w", 0), ("mine", 1, "w", 0)]
 
 
+def test_early_lease_skips_resubmissions_of_tasks_still_being_submitted(h):
+    d = make_dispatcher(h)
+    d.register(worker("w", credits=10))
+    # Proposed earlier, not applied yet, and not leased early (no worker was idle then).
+    in_flight = [wire("first", key="k1"), wire("chosen-id")]
+    leases = d.assign_early([wire("retry", key="k1"), wire("chosen-id"), wire("new")], T0,
+                            in_flight)
+    assert [x[0] for x in leases] == ["new"]
+    assert d.assign_early([wire("retry2", key="k1")], T0) == [("retry2", 1, "w", 0)]
+
+
 def test_an_early_lease_whose_submit_made_no_task_is_refused_and_frees_the_slot(h):
     h.submit(wire("first", key="k"))
     d = make_dispatcher(h)

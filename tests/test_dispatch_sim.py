@@ -41,6 +41,8 @@ class Sim:
         self.results: list[list] = []  # finished runs whose result is not acknowledged
         self.ran: Counter[tuple[str, int, str]] = Counter()
         self.early_leases = 0  # over all leaders
+        self.pushed: set[str] = set()  # task ids ever pushed to a worker
+        self.wasted: list[str] = []  # pushed, then found to duplicate an earlier task
         self.d: Dispatcher | None = None
         self.new_leader()
 
@@ -52,6 +54,7 @@ class Sim:
         self.d = Dispatcher(self.state, worker_timeout=1e9, lease_grace=10.0,
                             clock_us=lambda: T0)
         self.d.rebuild()
+        self.inherited = len(self.log)  # entries of earlier terms, some not applied yet
         for wid, slots in WORKERS.items():
             held = {t for t, _, w in self.runs if w == wid}
             self.d.register(WorkerInfo(wid, wid.encode(), concurrency=slots,
@@ -70,8 +73,24 @@ class Sim:
             self.ids += 1
             wires.append([f"{self.term:x}.1.{self.ids:x}", "", "shell", b"{}", p.JSON, 0,
                           "default", [], 0.0, RetryPolicy(max_retries=5).to_wire(), key, 0])
-        self.propose(sm.SUBMIT, [wires], lambda res, ks=keys: None)  # acked once applied
-        self.push(self.d.assign_early(wires, T0))
+        self.propose(sm.SUBMIT, [wires], lambda res, w=wires: self._submitted(w, res))
+        if self.applied >= self.inherited:  # as the server: once its own entry applied
+            self.push(self.d.assign_early(wires, T0, self.submits_in_flight()))
+
+    def submits_in_flight(self) -> list[list]:
+        """The wires of this leader's SUBMITs not applied yet (before the one just
+        proposed), as the server tracks them for early dispatch."""
+        out = []
+        for command, on_applied in self.log[self.applied:-1]:
+            kind, _, body = sm.msgpack.unpackb(command, raw=False)
+            if kind == sm.SUBMIT and on_applied is not None:
+                out.extend(w for wires in body for w in wires)
+        return out
+
+    def _submitted(self, wires: list, results: list) -> None:
+        for wire, (_, existed) in zip(wires, results[0], strict=True):
+            if existed and wire[sm.WIRE_ID] in self.pushed:  # ran; the state never held it
+                self.wasted.append(wire[sm.WIRE_ID])
 
     def dispatch(self) -> None:
         self.push(self.d.assign(T0))
@@ -83,6 +102,7 @@ class Sim:
                      lambda granted, b=leases: self._leases_applied(b, granted))
         for task_id, number, worker_id, _ in leases:
             self.runs.add((task_id, number, worker_id))
+            self.pushed.add(task_id)
 
     def _leases_applied(self, leases: list, granted: list) -> None:
         for (task_id, number, worker_id, _), ok in zip(leases, granted, strict=True):
@@ -119,15 +139,19 @@ class Sim:
         for command, _ in self.log[self.applied:]:
             kind, _, body = sm.msgpack.unpackb(command, raw=False)
             if kind == sm.SUBMIT:  # its client got NOT_LEADER: it resends the keys
-                self.unacked.extend(w[10] for wires in body for w in wires)
+                self.unacked.extend(w[sm.WIRE_KEY] for wires in body for w in wires)
         self.log = [(c, None) for c, _ in self.log[:cut]]
         self.new_leader()
 
     # -- clients and workers -------------------------------------------------------------
 
     def client(self) -> None:
+        in_flight = [w[sm.WIRE_KEY] for w in self.submits_in_flight()]
         if self.unacked and self.rng.random() < 0.5:
             keys, self.unacked = self.unacked, []
+        elif in_flight and self.rng.random() < 0.2:
+            # a client that timed out resends with the same keys, before they commit
+            keys = self.rng.sample(in_flight, self.rng.randint(1, len(in_flight)))
         else:
             keys = [f"k{len(self.keys) + i}" for i in range(self.rng.randint(1, 4))]
         self.keys.update(keys)
@@ -184,6 +208,8 @@ def test_every_submitted_key_completes_once_across_leader_crashes(seed):
         assert last.outcome == p.SUCCEEDED
         assert sim.ran[(task.id, last.number, last.worker)] >= 1  # it really ran there
     assert sim.d.early == {} and not sim.d.leasing
+    # Early dispatch never pushes a resubmission of a task still being submitted.
+    assert sim.wasted == []
 
 
 def test_the_simulation_exercises_early_leases_and_crashes():

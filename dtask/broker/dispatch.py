@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from .. import protocol as p
 from .._fastqueue import ReadyQueue, TimerQueue
 from ..protocol import RetryPolicy
-from .state import Task, TaskState
+from .state import WIRE_ID, WIRE_KEY, Task, TaskState
 
 Route = tuple[str, tuple[str, ...], str]  # (queue, sorted labels, task type)
 LEASE_PREFIX = "lease:"
@@ -236,7 +236,8 @@ class Dispatcher:
         """The task from the state, or one leased early whose SUBMIT has not applied."""
         return self.state.tasks.get(task_id) or self.early.get(task_id)
 
-    def assign_early(self, wires: Iterable[list], now_us: int) -> list[tuple[str, int, str, int]]:
+    def assign_early(self, wires: Iterable[list], now_us: int, in_flight: Iterable[list] = ()
+                     ) -> list[tuple[str, int, str, int]]:
         """Lease newly proposed tasks to idle workers before their SUBMIT commits.
 
         A task submitted while a worker that serves it sits idle would otherwise wait
@@ -248,6 +249,13 @@ class Dispatcher:
         leader dies before the SUBMIT commits, the task may have run although no
         replica holds it: the client, not acknowledged, submits it again with the
         same idempotency key (at-least-once). Returns leases as `assign` does.
+
+        `in_flight`: the wires of SUBMITs this leader proposed earlier that have not
+        applied yet. A task that shares an id or key with one of them is a duplicate
+        the state does not show yet (a client resending before its first try
+        committed): it must not run, so it is left to the SUBMIT to settle. The
+        caller must not call this before the state has applied every entry of
+        earlier terms, whose SUBMITs it does not track.
         """
         if self.rebuilding:
             return []
@@ -257,9 +265,13 @@ class Dispatcher:
             return []
         served: dict[Route, bool] = {}
         wanted = []
-        # One task per id and per key, counting those leased early before (few).
+        # One task per id and per key, counting those leased early before (few) and
+        # those still being submitted (few while a worker is idle).
         ids = set(self.early)
         keys = {t.idempotency_key for t in self.early.values()}
+        for wire in in_flight:
+            ids.add(wire[WIRE_ID])
+            keys.add(wire[WIRE_KEY])
         for wire in wires:
             task = self.state.new_pending(wire, now_us)
             if task is None or task.id in ids:

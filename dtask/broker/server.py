@@ -91,6 +91,10 @@ class SchedulerServer(NodeDaemon):
         super().__init__(RaftNode(node_cfg, self.state, self.ctx,
                                   on_role_change=self._on_role), sock)
         self.pending = Pending()
+        # SUBMITs proposed and not applied yet, by proposal number: their task wires,
+        # so early dispatch can tell a resubmission from a new task (`_flush_pending`).
+        self.submitting: dict[int, list[list]] = {}
+        self._submit_no = 0
         self.dispatcher: Dispatcher | None = None
         self.desk = WorkerDesk(self)
         self.waiters: dict[str, list[tuple[bytes, object, float]]] = {}
@@ -539,16 +543,25 @@ class SchedulerServer(NodeDaemon):
     def _flush_pending(self, now_us: int) -> None:
         if self.pending.submits:
             batch, self.pending.submits = self.pending.submits, []
+            self._submit_no += 1
+            no = self._submit_no
+            wires = self.submitting[no] = [w for _, _, ws in batch for w in ws]
             self.propose(sm.SUBMIT, now_us, [w for _, _, w in batch],
-                         lambda res, err, b=batch: self._submitted(b, res, err))
-            self.desk.dispatch_early((w for _, _, ws in batch for w in ws), now_us)
+                         lambda res, err, b=batch: self._submitted(b, no, res, err))
+            # Not if the proposal was refused at once (it has called back already), nor
+            # while the state lags behind SUBMITs of earlier terms it does not show yet.
+            if no in self.submitting and self.node.applied_own_term:
+                # A generator: only read while some worker is idle.
+                earlier = (w for n, ws in self.submitting.items() if n != no for w in ws)
+                self.desk.dispatch_early(wires, now_us, earlier)
         if self.pending.cancels:
             batch, self.pending.cancels = self.pending.cancels, []
             self.propose(sm.CANCEL, now_us, [t for _, _, t in batch],
                          lambda res, err, b=batch: self._cancelled(b, res, err))
         self.desk.flush(now_us)
 
-    def _submitted(self, batch, results, err: Exception | None) -> None:
+    def _submitted(self, batch, no: int, results, err: Exception | None) -> None:
+        self.submitting.pop(no, None)
         for i, (ident, rid, _) in enumerate(batch):
             if err is not None:
                 self._write_failed(ident, rid, err)

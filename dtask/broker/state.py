@@ -34,6 +34,9 @@ SUBMIT, LEASE, RESULT = "submit", "lease", "result"
 CANCEL, EXPIRE, PURGE = "cancel", "expire", "purge"
 PERSISTED, RESYNC = "persisted", "resync"
 NODE_ENDPOINT = "node_endpoint"  # the client endpoint of a scheduler added later
+# A SUBMIT carries tasks as wires: [task_id, name, type, payload, content_type,
+# priority, queue, labels, timeout, retry, idempotency_key, run_at_us].
+WIRE_ID, WIRE_KEY = 0, 10
 
 CRON_KEY = "cron "  # prefix of cron jobs' keys in `dirty` (a space never starts a task id)
 SNAPSHOT_VERSION = 2

@@ -224,10 +224,11 @@ class WorkerDesk:
         if self.expired and self.server.node.is_leader:
             self.flush(now_us)
 
-    def dispatch_early(self, wires: Iterable[list], now_us: int) -> None:
+    def dispatch_early(self, wires: Iterable[list], now_us: int,
+                       in_flight: Iterable[list]) -> None:
         """Just-proposed SUBMIT wires: lease those idle workers can start now, behind
         their SUBMIT in the log (`Dispatcher.assign_early`)."""
-        self._lease(self.server.dispatcher.assign_early(wires, now_us), now_us)
+        self._lease(self.server.dispatcher.assign_early(wires, now_us, in_flight), now_us)
 
     def _lease(self, leases: list[tuple[str, int, str, int]], now_us: int) -> None:
         if leases:

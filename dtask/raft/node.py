@@ -130,6 +130,13 @@ class RaftNode:
     def leader(self) -> int:
         return self.raft.leader
 
+    @property
+    def applied_own_term(self) -> bool:
+        """Leader: the state machine has applied an entry of this term, so every entry
+        of earlier terms too (the state no longer lags behind what the log promises)."""
+        log_ = self.raft.log
+        return log_.term(log_.applied) == self.raft.term
+
     def propose(self, data: bytes, callback: Callback) -> None:
         """Queue a command; it joins this loop turn's batch. Fails fast on a follower."""
         if self.raft.role != Role.LEADER:
