@@ -1,8 +1,10 @@
-"""The node driver in process: a proposer's callback that raises costs that reply only."""
+"""The node driver in process: a proposer's callback that raises costs that reply only;
+when each node of a cluster takes its snapshots."""
 
 from __future__ import annotations
 
 import time
+from types import SimpleNamespace
 
 import zmq
 
@@ -59,3 +61,30 @@ def test_a_raising_callback_does_not_stop_the_node(tmp_path, caplog):
         assert "event=callback_failed" in caplog.text
     finally:
         node.close()
+
+
+def snapshot_points(node_id: int, every: int, entries: int) -> list[int]:
+    """The applied indices at which a node with this id starts a snapshot."""
+    node = SimpleNamespace(cfg=SimpleNamespace(node_id=node_id, snapshot_every=every,
+                                               snapshot_bytes=1 << 60),
+                           raft=SimpleNamespace(log=SimpleNamespace(applied=0)),
+                           snapshot_index=0, _applied_bytes=0)
+    points = []
+    for applied in range(1, entries + 1):
+        node.raft.log.applied = applied
+        if RaftNode._snapshot_due(node):
+            points.append(applied)
+            node.snapshot_index = applied
+    return points
+
+
+def test_the_nodes_of_a_cluster_snapshot_at_different_times_once_per_interval():
+    every = 1000
+    points = {i: snapshot_points(i, every, 10 * every) for i in range(1, 6)}
+    for p in points.values():
+        assert len(p) in (9, 10)  # once per interval...
+        assert all(b - a == every for a, b in zip(p, p[1:], strict=False))  # ...evenly
+    # Spread over the interval: no two of five nodes within a tenth of it of each other.
+    phases = sorted(p[0] % every for p in points.values())
+    gaps = [b - a for a, b in zip(phases, phases[1:] + [phases[0] + every], strict=True)]
+    assert min(gaps) >= every // 10, phases

@@ -22,6 +22,7 @@ still commit later under the new leader, so clients retry with idempotency keys.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -313,8 +314,7 @@ class RaftNode:
         self.raft.advance(rd)
         self._serve_reads()
         self._after_state_change()
-        if (self.raft.log.applied - self.snapshot_index >= self.cfg.snapshot_every
-                or self._applied_bytes >= self.cfg.snapshot_bytes):
+        if self._snapshot_due():
             self._take_snapshot()
 
     def _persist(self, rd: Ready) -> None:
@@ -386,6 +386,18 @@ class RaftNode:
         for cb in pending:
             _notify(cb, None, exc)
 
+    def _snapshot_due(self) -> bool:
+        """Every `snapshot_every` applied entries, each node at its own phase of that
+        interval (spread by node id), so the nodes of a cluster do not all fork and
+        serialize the whole state at the same moment: on a loaded machine that stalled
+        the leader and both followers at once (submit-to-start p99 at 1,000 tasks/s:
+        spikes of up to 60 ms, each at a snapshot)."""
+        every = self.cfg.snapshot_every
+        phase = int(every * (self.cfg.node_id * 0.6180339887 % 1.0))  # golden ratio
+        applied = self.raft.log.applied
+        return ((applied + phase) // every > (self.snapshot_index + phase) // every
+                or self._applied_bytes >= self.cfg.snapshot_bytes)
+
     def _take_snapshot(self) -> None:
         """Serialize the state in a forked child (copy-on-write): a million tasks take
         seconds to pack, far longer than the loop may stop without losing leadership."""
@@ -397,6 +409,9 @@ class RaftNode:
         if pid == 0:  # the child: write the state as of now, then vanish without cleanup
             code = 1
             try:
+                # Not urgent: the live loops (ours, the other nodes', the workers') first.
+                with contextlib.suppress(OSError):
+                    os.nice(19)
                 data = _wrap(self.addresses, self.sm.snapshot())
                 self.storage.write_snapshot_file(path, meta, data)
                 code = 0
