@@ -9,7 +9,8 @@ from types import SimpleNamespace
 import zmq
 
 from dtask.raft.localcluster import free_ports
-from dtask.raft.node import NodeConfig, RaftNode
+from dtask.raft.node import LEADER_SNAPSHOT_SPACING, NodeConfig, RaftNode
+from dtask.raft.progress import Role
 
 
 class Log:
@@ -63,11 +64,12 @@ def test_a_raising_callback_does_not_stop_the_node(tmp_path, caplog):
         node.close()
 
 
-def snapshot_points(node_id: int, every: int, entries: int) -> list[int]:
+def snapshot_points(node_id: int, every: int, entries: int,
+                    role: Role = Role.FOLLOWER) -> list[int]:
     """The applied indices at which a node with this id starts a snapshot."""
     node = SimpleNamespace(cfg=SimpleNamespace(node_id=node_id, snapshot_every=every,
                                                snapshot_bytes=1 << 60),
-                           raft=SimpleNamespace(log=SimpleNamespace(applied=0)),
+                           raft=SimpleNamespace(log=SimpleNamespace(applied=0), role=role),
                            snapshot_index=0, _applied_bytes=0)
     points = []
     for applied in range(1, entries + 1):
@@ -88,3 +90,11 @@ def test_the_nodes_of_a_cluster_snapshot_at_different_times_once_per_interval():
     phases = sorted(p[0] % every for p in points.values())
     gaps = [b - a for a, b in zip(phases, phases[1:] + [phases[0] + every], strict=True)]
     assert min(gaps) >= every // 10, phases
+
+
+def test_the_leader_snapshots_less_often():
+    every = 1000
+    leading = snapshot_points(1, every, 20 * every, Role.LEADER)
+    assert all(b - a == every * LEADER_SNAPSHOT_SPACING for a, b in zip(leading, leading[1:],
+                                                                         strict=False))
+    assert len(leading) >= 20 // LEADER_SNAPSHOT_SPACING - 1
