@@ -43,6 +43,7 @@ class Sim:
         self.early_leases = 0  # over all leaders
         self.pushed: set[str] = set()  # task ids ever pushed to a worker
         self.wasted: list[str] = []  # pushed, then found to duplicate an earlier task
+        self.early_resends = 0  # resends of in-flight keys offered to early dispatch
         self.d: Dispatcher | None = None
         self.new_leader()
 
@@ -75,7 +76,10 @@ class Sim:
                           "default", [], 0.0, RetryPolicy(max_retries=5).to_wire(), key, 0])
         self.propose(sm.SUBMIT, [wires], lambda res, w=wires: self._submitted(w, res))
         if self.applied >= self.inherited:  # as the server: once its own entry applied
-            self.push(self.d.assign_early(wires, T0, self.submits_in_flight()))
+            in_flight = self.submits_in_flight()
+            taken = {w[sm.WIRE_KEY] for w in in_flight}
+            self.early_resends += sum(w[sm.WIRE_KEY] in taken for w in wires)
+            self.push(self.d.assign_early(wires, T0, in_flight))
 
     def submits_in_flight(self) -> list[list]:
         """The wires of this leader's SUBMITs not applied yet (before the one just
@@ -213,10 +217,11 @@ def test_every_submitted_key_completes_once_across_leader_crashes(seed):
 
 
 def test_the_simulation_exercises_early_leases_and_crashes():
-    early = crashes = 0
+    early = crashes = resends = 0
     for seed in range(20):
         sim = Sim(seed)
         sim.run(150)
         early += sim.early_leases + sim.d.early_leases
         crashes += sim.term - 1
-    assert early > 0 and crashes > 0
+        resends += sim.early_resends
+    assert early > 0 and crashes > 0 and resends > 0
