@@ -20,11 +20,10 @@ import sys
 import time
 from pathlib import Path
 
-try:
-    from dtask._fastqueue import ReadyQueue, TimerQueue
-except ImportError:  # a checkout without `pip install -e .`
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from dtask._fastqueue import ReadyQueue, TimerQueue
+# The checkout this script is in, not whatever `pip install -e` points at: a side-by-side
+# run from another worktree must measure that worktree's code.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from dtask._fastqueue import ReadyQueue, TimerQueue  # noqa: E402
 
 STEADY_PAIRS = 200_000  # push+pop pairs timed at steady size (fewer if n is smaller)
 BATCH = 64  # pop_many size, and mean keys per pop_due call (one loop turn's worth)

@@ -23,14 +23,13 @@ from pathlib import Path
 
 import psycopg
 
-try:
-    from dtask.broker.state import Attempt, Task
-except ImportError:  # a checkout without `pip install -e .`
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from dtask.broker.state import Attempt, Task
-from dtask import protocol as p
-from dtask.persist.rows import Batch, attempt_rows, task_row
-from dtask.persist.store import COPY, UPSERT, open_store
+# The checkout this script is in, not whatever `pip install -e` points at: a side-by-side
+# run from another worktree must measure that worktree's code.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from dtask import protocol as p  # noqa: E402
+from dtask.broker.state import Attempt, Task  # noqa: E402
+from dtask.persist.rows import Batch, attempt_rows, task_row  # noqa: E402
+from dtask.persist.store import COPY, UPSERT, open_store  # noqa: E402
 
 T0 = 1_700_000_000_000_000
 TARGET = 50_000
