@@ -74,18 +74,18 @@ class Sim:
             self.ids += 1
             wires.append([f"{self.term:x}.1.{self.ids:x}", "", "shell", b"{}", p.JSON, 0,
                           "default", [], 0.0, RetryPolicy(max_retries=5).to_wire(), key, 0])
+        in_flight = self.submits_in_flight()  # proposed before this one
         self.propose(sm.SUBMIT, [wires], lambda res, w=wires: self._submitted(w, res))
         if self.applied >= self.inherited:  # as the server: once its own entry applied
-            in_flight = self.submits_in_flight()
             taken = {w[sm.WIRE_KEY] for w in in_flight}
             self.early_resends += sum(w[sm.WIRE_KEY] in taken for w in wires)
             self.push(self.d.assign_early(wires, T0, in_flight))
 
     def submits_in_flight(self) -> list[list]:
-        """The wires of this leader's SUBMITs not applied yet (before the one just
-        proposed), as the server tracks them for early dispatch."""
+        """The wires of this leader's SUBMITs not applied yet, as the server tracks
+        them for early dispatch."""
         out = []
-        for command, on_applied in self.log[self.applied:-1]:
+        for command, on_applied in self.log[self.applied:]:
             kind, _, body = sm.msgpack.unpackb(command, raw=False)
             if kind == sm.SUBMIT and on_applied is not None:
                 out.extend(w for wires in body for w in wires)
