@@ -53,7 +53,9 @@ def test_leader_sigkill_under_a_stream_of_writes_loses_nothing(cluster):
     killer.start()
     acked: dict[str, str] = {}
     after_kill = 0
-    while after_kill < 1000:  # keep writing through the failover, then 1000 more
+    # Keep writing through the failover, then enough for the new leader to compact past
+    # the killed node (it snapshots every LEADER_SNAPSHOT_SPACING x 300 entries).
+    while after_kill < 3000:
         dead = not killer.is_alive()
         acked.update(write_keys(cluster, len(acked), 50))
         after_kill += 50 if dead else 0
@@ -68,7 +70,7 @@ def test_leader_sigkill_under_a_stream_of_writes_loses_nothing(cluster):
         assert read_all_local(cluster, node, list(acked)) == acked
 
     # The killed node recovers from its disk and catches up; the leader has compacted
-    # far past it (snapshot every 300 entries), so it needs InstallSnapshot.
+    # far past it, so it needs InstallSnapshot.
     cluster.start(leader)
     cluster.wait_applied([leader], commit)
     assert read_all_local(cluster, leader, list(acked)) == acked
