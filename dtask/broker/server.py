@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import msgpack
@@ -93,7 +94,7 @@ class SchedulerServer(NodeDaemon):
         self.pending = Pending()
         # SUBMITs proposed and not applied yet, by proposal number: their task wires,
         # so early dispatch can tell a resubmission from a new task (`_flush_pending`).
-        self.submitting: dict[int, list[list]] = {}
+        self.submitting: dict[int, list[tuple[bytes, object, list]]] = {}
         self._submit_no = 0
         self.dispatcher: Dispatcher | None = None
         self.desk = WorkerDesk(self)
@@ -545,15 +546,16 @@ class SchedulerServer(NodeDaemon):
             batch, self.pending.submits = self.pending.submits, []
             self._submit_no += 1
             no = self._submit_no
-            wires = self.submitting[no] = [w for _, _, ws in batch for w in ws]
+            self.submitting[no] = batch
             self.propose(sm.SUBMIT, now_us, [w for _, _, w in batch],
                          lambda res, err, b=batch: self._submitted(b, no, res, err))
             # Not if the proposal was refused at once (it has called back already), nor
             # while the state lags behind SUBMITs of earlier terms it does not show yet.
             if no in self.submitting and self.node.applied_own_term:
-                # A generator: only read while some worker is idle.
-                earlier = (w for n, ws in self.submitting.items() if n != no for w in ws)
-                self.desk.dispatch_early(wires, now_us, earlier)
+                # Generators: the wires are only read while some worker is idle.
+                earlier = (w for n, b in self.submitting.items() if n != no
+                           for w in _wires(b))
+                self.desk.dispatch_early(_wires(batch), now_us, earlier)
         if self.pending.cancels:
             batch, self.pending.cancels = self.pending.cancels, []
             self.propose(sm.CANCEL, now_us, [t for _, _, t in batch],
@@ -663,6 +665,12 @@ class SchedulerServer(NodeDaemon):
                 self.send(ident, p.error(rid, p.NOT_LEADER, "leadership changed",
                                          self.leader_endpoint()))
         self.waiters = {}
+
+
+def _wires(batch: list[tuple[bytes, object, list]]) -> Iterator[list]:
+    """The task wires of a batch of pending submits, in order."""
+    return (w for _, _, wires in batch for w in wires)
+
 
 def _req_id(frame: bytes) -> object:
     """Best effort: the id of a request we could not parse, so the error can carry it."""
