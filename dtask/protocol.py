@@ -54,13 +54,17 @@ VERSION = 1
 # worker -> scheduler
 #   register  worker_id, host, pid, concurrency, queues: [str], labels: [str],
 #             executors: [str], running: [[task_id, attempt]], credits?: int
-#             -> registered  heartbeat_interval: s, worker_timeout: s
+#             -> registered  heartbeat_interval: s, worker_timeout: s,
+#                batch_results: bool (the leader takes `results`)
 #   heartbeat worker_id, credits: int (free slots), running: [[task_id, attempt]]
 #             -> heartbeat_ack; or error UNKNOWN_WORKER (register again) or NOT_LEADER
 #   result    worker_id, task_id, attempt, outcome, exit_code: int|nil, error: str,
 #             result: bin (msgpack of the return value), log: bin (bounded output),
 #             started_us, finished_us, credits: int
 #             -> result_ack  task_id, attempt, accepted: bool (false: stale, ignored)
+#   results   worker_id, results: [{the fields of a result but worker_id and credits}],
+#             credits: int   (only to a leader whose `registered` said batch_results)
+#             -> results_ack  acks: [[task_id, attempt, accepted]]
 #   log       worker_id, task_id, attempt, offset: int, data: bin   (no reply)
 #   bye       worker_id   (no reply)
 # scheduler -> worker (pushed; a worker must accept any number per frame)
@@ -103,6 +107,7 @@ MEMBER_OPS = ("add_learner", "promote", "remove")
 REGISTER, REGISTERED = "register", "registered"
 HEARTBEAT, HEARTBEAT_ACK = "heartbeat", "heartbeat_ack"
 RESULT, RESULT_ACK = "result", "result_ack"
+RESULTS, RESULTS_ACK = "results", "results_ack"  # several results in one message
 LOG = "log"  # a chunk of a running attempt's output; no reply
 BYE = "bye"  # deregistration; no reply
 # scheduler -> worker (pushed, no id)
@@ -115,7 +120,7 @@ ERROR = "error"
 CLIENT_TYPES = frozenset({SUBMIT, STATUS, LIST, CANCEL, WAIT, LOGS, CLUSTER, DRAIN_WORKER,
                           TRANSFER_LEADER, CRON_DEFINE, CRON_LIST, CRON_PAUSE, CRON_RESUME,
                           CRON_DELETE, CRON_TRIGGER, MEMBER_CHANGE})
-WORKER_TYPES = frozenset({REGISTER, HEARTBEAT, RESULT, LOG, BYE})
+WORKER_TYPES = frozenset({REGISTER, HEARTBEAT, RESULT, RESULTS, LOG, BYE})
 
 # -- error codes ------------------------------------------------------------------
 BAD_REQUEST = "BAD_REQUEST"  # malformed message or invalid field: fix the request
@@ -147,6 +152,7 @@ MAX_FRAME = 64 << 20
 MAX_BATCH = 10_000  # tasks per submit
 MAX_RESULT = 64 << 10  # bytes of a result value kept per attempt
 MAX_LOG = 1 << 20  # bytes of output kept per attempt
+MAX_RESULTS = 1000  # results per `results` message
 MAX_NAME = 255
 _IDENT = re.compile(r"^[A-Za-z0-9_.:@/+-]{1,128}$")
 # Ids the leader assigns: its term and node id and a counter (unique: one leader per term).

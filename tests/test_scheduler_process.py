@@ -189,6 +189,71 @@ def test_a_worker_running_an_attempt_the_leader_does_not_know_is_told_not_leased
     assert client.status(known)["status"] == p.PENDING  # nothing ran, nothing cancelled
 
 
+def test_a_results_batch_is_taken_whole_or_refused_whole(cluster, client):
+    """`results` (several results in one message): one malformed result refuses the
+    whole message and nothing is recorded; a good batch gets one `results_ack` naming
+    every attempt, with a repeat inside the batch acked as stale."""
+    import zmq
+
+    leader = cluster.wait_leader()
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(cluster.members[leader].client)
+
+    def answer(rid: int) -> dict:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if sock.poll(200):
+                msg = p.unpack(sock.recv())
+                if msg.get("id") == rid:
+                    return msg
+        raise AssertionError(f"no answer to request {rid}")
+
+    try:
+        sock.send(p.pack({"v": p.VERSION, "t": p.REGISTER, "id": 1, "worker_id": "raw-b",
+                          "host": "h", "pid": 1, "concurrency": 2, "queues": ["rawq"],
+                          "labels": [], "executors": ["shell"], "credits": 2,
+                          "running": []}))
+        assert answer(1)["batch_results"] is True
+        a, b = client.submit_many([{"type": "shell", "payload": {"cmd": "true"},
+                                    "queue": "rawq"}] * 2)
+        pushed: set[str] = set()
+        deadline = time.monotonic() + 10
+        while pushed != {a, b}:
+            assert time.monotonic() < deadline, f"pushed so far: {pushed}"
+            if sock.poll(200):
+                msg = p.unpack(sock.recv())
+                if msg["t"] == p.RUN:
+                    pushed |= {t["task_id"] for t in msg["tasks"]}
+        now = time.time_ns() // 1000
+
+        def result(task_id: str, **change) -> dict:
+            return {"task_id": task_id, "attempt": 1, "outcome": p.SUCCEEDED, "exit_code": 0,
+                    "error": "", "result": b"", "log": f"log of {task_id}".encode(),
+                    "started_us": now, "finished_us": now, **change}
+
+        def send_results(rid: int, results: list) -> dict:
+            sock.send(p.pack({"v": p.VERSION, "t": p.RESULTS, "id": rid, "worker_id": "raw-b",
+                              "results": results, "credits": 2}))
+            return answer(rid)
+
+        refused = send_results(7, [result(a), result(b, exit_code="zero")])
+        assert refused["t"] == p.ERROR and refused["code"] == p.BAD_REQUEST
+        assert send_results(8, [])["code"] == p.BAD_REQUEST
+        assert [client.status(t)["status"] for t in (a, b)] == [p.RUNNING, p.RUNNING]
+        acked = send_results(9, [result(a), result(b), result(a)])
+        assert acked["t"] == p.RESULTS_ACK
+        assert acked["acks"] == [[a, 1, True], [b, 1, True], [a, 1, False]]
+    finally:
+        sock.close()
+        ctx.term()
+    for task_id in (a, b):
+        task = client.status(task_id)
+        assert task["status"] == p.COMPLETED and len(task["attempts"]) == 1
+        assert client.logs(task_id) == f"log of {task_id}".encode()
+
+
 def test_leader_sigkill_during_a_submit_stream_loses_nothing(cluster, client):
     """10,000 tasks submitted in batches with idempotency keys while the leader dies:
     every acknowledged task completes, and no key yields two tasks."""

@@ -572,3 +572,52 @@ def test_a_result_is_resent_until_acknowledged(env: dict) -> None:
     assert len(copies) == 3
     assert all(c["outcome"] == p.SUCCEEDED and c["log"] == b"x\n" for c in copies)
     assert len({c["id"] for c in copies}) == 3
+
+
+def test_results_finishing_while_a_batch_is_unacked_travel_together(env: dict) -> None:
+    """One `results` batch in flight at a time: what finishes before its ack goes in the
+    next one, so a busy worker sends one message per leader round trip, not per task."""
+    fake = env["fake"]
+    fake.hold_acks = True
+    ids = [f"tog-{i}" for i in range(CONCURRENCY + PREFETCH)]
+    fake.run(*[task(i, "python", {"fn": "builtins:int"}) for i in ids])
+    fake.wait_for(lambda: all(fake.results(i) for i in ids), 5, "every result")
+    fake.release_acks()
+    firsts = [fake.results(i)[0] for i in ids]
+    assert all(c["batch"] and c["outcome"] == p.SUCCEEDED for c in firsts)
+    sizes = [len(b) for b in fake.batches if b[0] in ids]
+    assert sum(sizes) >= len(ids) and max(sizes) > 1, sizes  # some travelled together
+    time.sleep(1.0)  # > 3 resend intervals: acknowledged in batches, never sent again
+    counts = {i: len(fake.results(i)) for i in ids}
+    time.sleep(1.0)
+    assert {i: len(fake.results(i)) for i in ids} == counts
+
+
+def test_a_refused_batch_is_resent_result_by_result(env: dict) -> None:
+    fake = env["fake"]
+    fake.refuse_batches = 1
+    fake.run(task("rb-1", "shell", {"cmd": "echo y"}))
+    copies = fake.wait_for(lambda: (c := fake.results("rb-1")) and len(c) >= 2 and c, 5,
+                           "the result again, on its own")
+    assert copies[0]["batch"] and not copies[1].get("batch")
+    assert copies[1]["outcome"] == p.SUCCEEDED and copies[1]["log"] == b"y\n"
+
+
+def test_a_leader_that_takes_no_batches_gets_one_result_per_message(env: dict) -> None:
+    """A leader whose `registered` does not say batch_results (an older version) is sent
+    plain `result` messages."""
+    fake = env["fake"]
+    before = len(fake.messages(p.REGISTER))
+    fake.batch_results = False
+    try:
+        fake.unknown_worker = 1
+        fake.wait_for(lambda: len(fake.messages(p.REGISTER)) > before, 5, "a new register")
+        ids = [f"nb-{i}" for i in range(CONCURRENCY)]
+        fake.run(*[task(i, "python", {"fn": "builtins:int"}) for i in ids])
+        fake.wait_for(lambda: all(fake.results(i) for i in ids), 5, "every result")
+        assert not any(fake.results(i)[0].get("batch") for i in ids)
+    finally:
+        fake.batch_results = True
+        before = len(fake.messages(p.REGISTER))
+        fake.unknown_worker = 1
+        fake.wait_for(lambda: len(fake.messages(p.REGISTER)) > before, 5, "a new register")

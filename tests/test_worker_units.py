@@ -10,7 +10,7 @@ from dtask.worker.config import WorkerConfig
 from dtask.worker.executors import Context, TaskError, build
 from dtask.worker.executors.docker import build_argv, container_name
 from dtask.worker.logbuf import LogBuffer, marker
-from dtask.worker.outbox import Outbox
+from dtask.worker.outbox import ACK_WAIT, BATCH_BYTES, BATCH_RESULTS, Outbox, batches
 from dtask.worker.registry import TASKS, resolve, task
 
 
@@ -119,15 +119,58 @@ def test_task_decorator_registers_by_default_and_explicit_name() -> None:
         TASKS.pop(f"{__name__}.{double.__qualname__}", None)
 
 
+def item(task_id: str, log: bytes = b"") -> dict:
+    return {"task_id": task_id, "attempt": 1, "result": b"", "log": log, "error": ""}
+
+
 def test_outbox_keeps_until_acked_and_reports_due_resends() -> None:
     box = Outbox(limit=2)
-    box.add(("a", 1), {"task_id": "a"})
-    box.add(("b", 1), {"task_id": "b"})
-    assert box.full() and box.due(10.0, 1.0) == [("a", 1), ("b", 1)]
-    box.sent(("a", 1), 7, now=10.0)
-    assert box.due(10.5, 1.0) == [("b", 1)] and box.key_of(7) == ("a", 1)
+    box.add(("a", 1), item("a"))
+    box.add(("b", 1), item("b"))
+    assert box.full() and list(box.unsent) == [("a", 1), ("b", 1)]
+    assert box.due(10.0, 1.0) == []  # never sent: the next flush sends them, not the resend
+    box.sent([("a", 1)], 7, now=10.0)
+    assert list(box.unsent) == [("b", 1)] and box.keys_of(7) == [("a", 1)]
+    assert box.due(10.5, 1.0) == [] and box.due(11.0, 1.0) == [("a", 1)]
     assert box.ack(("a", 1)) and not box.ack(("a", 1))
-    assert box.key_of(7) is None and len(box) == 1 and not box.full()
+    assert box.keys_of(7) == [] and len(box) == 1 and not box.full()
+
+
+def test_outbox_holds_the_next_batch_until_the_one_in_flight_is_answered() -> None:
+    box = Outbox(limit=10)
+    for name in "abc":
+        box.add((name, 1), item(name))
+    assert not box.waiting_for_ack(0.0)  # an idle link is never waited for
+    box.sent([("a", 1), ("b", 1)], 3, now=5.0, batched=True, window=True)
+    assert box.waiting_for_ack(5.0) and box.waiting_for_ack(5.0 + ACK_WAIT / 2)
+    assert not box.waiting_for_ack(5.0 + ACK_WAIT)  # a lost ack does not hold them forever
+    assert box.hold_until() == 5.0 + ACK_WAIT
+    box.answered(99)  # some other request's answer changes nothing
+    assert box.waiting_for_ack(5.0)
+    assert sorted(box.keys_of(3)) == [("a", 1), ("b", 1)]
+    box.answered(3)
+    assert not box.waiting_for_ack(5.0) and list(box.unsent) == [("c", 1)]
+    # a refused batch: its results go again, each on its own
+    box.resend_alone(("b", 1))
+    assert box.entries[("b", 1)].alone and list(box.unsent) == [("c", 1), ("b", 1)]
+    assert box.entries[("b", 1)].batched  # how it was last sent, for the error handler
+    box.sent([("b", 1)], 4, now=6.0)
+    assert not box.entries[("b", 1)].batched and box.keys_of(3) == [("a", 1)]
+
+
+def test_batches_are_cut_by_count_and_by_bytes_and_keep_order() -> None:
+    box = Outbox(limit=10 * BATCH_RESULTS)
+    keys = [(f"t{i}", 1) for i in range(2 * BATCH_RESULTS + 1)]
+    for key in keys:
+        box.add(key, item(key[0]))
+    cut = batches(box, keys)
+    assert [len(b) for b in cut] == [BATCH_RESULTS, BATCH_RESULTS, 1]
+    assert [k for b in cut for k in b] == keys
+    big = BATCH_BYTES // 2 + 1
+    box = Outbox(limit=10)
+    for name, size in [("x", big), ("y", big), ("z", 10), ("huge", 2 * BATCH_BYTES)]:
+        box.add((name, 1), item(name, b"l" * size))
+    assert batches(box, list(box.entries)) == [[("x", 1)], [("y", 1), ("z", 1)], [("huge", 1)]]
 
 
 def test_config_defaults_and_validation() -> None:

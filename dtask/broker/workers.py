@@ -34,7 +34,8 @@ PUSH_GRACE_HEARTBEATS = 5
 class WorkerDesk:
     def __init__(self, server: SchedulerServer) -> None:
         self.server = server
-        self.results: list[tuple[bytes, list]] = []  # (worker ident, result wire)
+        # (worker ident, (ident, `results` id) or None, result wire)
+        self.results: list[tuple[bytes, tuple | None, list]] = []
         self.expired: list[list] = []
         self.live_logs: dict[tuple[str, int], bytearray] = {}
 
@@ -45,7 +46,7 @@ class WorkerDesk:
         t, rid = msg["t"], msg.get("id")
         worker_id = p.get_str(msg, "worker_id", max_len=128)
         if not srv.node.is_leader or srv.dispatcher is None:
-            if t in (p.REGISTER, p.HEARTBEAT, p.RESULT):
+            if t in (p.REGISTER, p.HEARTBEAT, p.RESULT, p.RESULTS):
                 srv.not_leader(ident, rid)
             return
         d = srv.dispatcher
@@ -65,7 +66,15 @@ class WorkerDesk:
             self._check_running(worker, msg.get("running"))
             srv.send(ident, p.reply(p.HEARTBEAT_ACK, rid))
         elif t == p.RESULT:
-            self._result(ident, worker, msg)
+            self._take_results(ident, None, worker, msg, [self._result_wire(worker, msg)])
+        elif t == p.RESULTS:
+            items = msg.get("results")
+            if not isinstance(items, list) or not 0 < len(items) <= p.MAX_RESULTS:
+                raise p.ProtocolError(p.BAD_REQUEST, "field results must be a list of 1 to "
+                                      f"{p.MAX_RESULTS} results")
+            # All checked before any is taken: a refused message leaves no trace.
+            wires = [self._result_wire(worker, item) for item in items]
+            self._take_results(ident, rid, worker, msg, wires)
         elif t == p.LOG:
             self._log(msg)
         elif t == p.BYE:
@@ -92,7 +101,8 @@ class WorkerDesk:
             self._credits(info, msg)
         self.server.send(ident, p.reply(p.REGISTERED, rid,
                                         heartbeat_interval=self.server.cfg.heartbeat_interval,
-                                        worker_timeout=self.server.cfg.worker_timeout))
+                                        worker_timeout=self.server.cfg.worker_timeout,
+                                        batch_results=True))
         self._reconcile(info, running)
         # A worker re-registering with the same leader (a liveness probe) is not news.
         level = logging.DEBUG if known is not None and known.registered else logging.INFO
@@ -143,7 +153,10 @@ class WorkerDesk:
                                      "the worker no longer runs it", now_us])
         worker.missing = suspects - worker.missing
 
-    def _result(self, ident: bytes, worker: WorkerInfo, msg: dict) -> None:
+    def _result_wire(self, worker: WorkerInfo, msg: object) -> list:
+        """One reported attempt, checked, as a RESULT entry's item (no side effects)."""
+        if not isinstance(msg, dict):
+            raise p.ProtocolError(p.BAD_REQUEST, "a result must be a map")
         task_id = p.task_id_of(msg)
         number = p.get_int(msg, "attempt", lo=1)
         outcome = p.get_str(msg, "outcome")
@@ -155,9 +168,6 @@ class WorkerDesk:
         result, output = msg.get("result", b""), msg.get("log", b"")
         if not isinstance(result, bytes) or not isinstance(output, bytes):
             raise p.ProtocolError(p.BAD_REQUEST, "fields result and log must be binary")
-        worker.assigned.pop(task_id, None)  # its slot is free as of now
-        if "credits" in msg:
-            self._credits(worker, msg)
         d = self.server.dispatcher
         task = d.task(task_id)
         now_us = time.time_ns() // 1000
@@ -166,11 +176,22 @@ class WorkerDesk:
         retry_at = d.retry_at_us(task, now_us, number) if task else 0
         if outcome == p.REJECTED:
             retry_at = now_us  # it never ran: no backoff, another worker may take it now
-        self.results.append((ident, [
-            task_id, number, outcome, exit_code, p.get_str(msg, "error", "", max_len=4096),
-            result[:p.MAX_RESULT], output[-p.MAX_LOG:], p.get_int(msg, "started_us", 0, lo=0),
-            p.get_int(msg, "finished_us", 0, lo=0), retry_at, worker.id]))
-        self.live_logs.pop((task_id, number), None)
+        return [task_id, number, outcome, exit_code, p.get_str(msg, "error", "", max_len=4096),
+                result[:p.MAX_RESULT], output[-p.MAX_LOG:], p.get_int(msg, "started_us", 0, lo=0),
+                p.get_int(msg, "finished_us", 0, lo=0), retry_at, worker.id]
+
+    def _take_results(self, ident: bytes, rid: object, worker: WorkerInfo, msg: dict,
+                      wires: list[list]) -> None:
+        """Queue checked results for this turn's RESULT entry. rid None: a single `result`
+        (acked with `result_ack`); else the `results` message's id, echoed in one
+        `results_ack` for them all."""
+        group = None if rid is None else (ident, rid)
+        for wire in wires:
+            worker.assigned.pop(wire[0], None)  # its slot is free as of now
+            self.live_logs.pop((wire[0], wire[1]), None)
+            self.results.append((ident, group, wire))
+        if "credits" in msg:  # after the slots were freed: the two counts then agree
+            self._credits(worker, msg)
 
     def _log(self, msg: dict) -> None:
         key = (p.task_id_of(msg), p.get_int(msg, "attempt", lo=1))
@@ -198,7 +219,7 @@ class WorkerDesk:
         srv = self.server
         if self.results:
             batch, self.results = self.results, []
-            srv.propose(sm.RESULT, now_us, [w for _, w in batch],
+            srv.propose(sm.RESULT, now_us, [w for _, _, w in batch],
                         lambda res, err, b=batch: self._results_applied(b, res, err))
         if self.expired:
             batch, self.expired = self.expired, []
@@ -207,9 +228,15 @@ class WorkerDesk:
     def _results_applied(self, batch, statuses, err: Exception | None) -> None:
         if err is not None:
             return  # no ack: the worker keeps the result and re-sends it to the new leader
-        for (ident, wire), status in zip(batch, statuses, strict=True):
-            self.server.send(ident, p.reply(p.RESULT_ACK, None, task_id=wire[0],
-                                            attempt=wire[1], accepted=status != "stale"))
+        acks: dict[tuple[bytes, object], list[list]] = {}
+        for (ident, group, wire), status in zip(batch, statuses, strict=True):
+            if group is None:
+                self.server.send(ident, p.reply(p.RESULT_ACK, None, task_id=wire[0],
+                                                attempt=wire[1], accepted=status != "stale"))
+            else:
+                acks.setdefault(group, []).append([wire[0], wire[1], status != "stale"])
+        for (ident, rid), items in acks.items():
+            self.server.send(ident, p.reply(p.RESULTS_ACK, rid, acks=items))
 
     def dispatch(self, now_us: int) -> None:
         """Lease ready tasks to free worker slots (through the log)."""

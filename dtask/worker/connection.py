@@ -55,6 +55,7 @@ class Connection:
         self.sockets: dict[str, zmq.Socket] = {}
         self.heartbeat_interval = config.heartbeat_interval
         self.leader: str | None = None
+        self.batch_results = False  # the leader takes `results` (its `registered` said so)
         self.candidate: str | None = None  # where a register is outstanding
         self.reg_id = 0
         self.reg_sent = False
@@ -152,6 +153,7 @@ class Connection:
             self.heartbeat_interval = timeout / 3
         changed = ep != self.leader
         self.leader, self.candidate = ep, None
+        self.batch_results = msg.get("batch_results") is True
         self.last_heard = now
         self.next_heartbeat = now
         self.fails = self.hops = 0

@@ -26,7 +26,7 @@ from .config import WorkerConfig
 from .connection import Connection
 from .executors import NEEDS_POOL, Context, Finished, Handle, TaskError, build
 from .logbuf import LogBuffer
-from .outbox import Key, Outbox
+from .outbox import Key, Outbox, batches
 from .pool import PythonPool
 from .process import GUARD
 from .reactor import Reactor
@@ -146,9 +146,8 @@ class Worker:
                 **self._credits()}
 
     def _on_registered(self, changed: bool) -> None:
-        now = time.monotonic()
-        for key in self.outbox.pending_keys():  # whatever the previous leader did not acknowledge
-            self._send_result(key, now)
+        self.outbox.reset_window()
+        self._resend(self.outbox.pending_keys(), time.monotonic())  # what no leader has acked
 
     # -- messages from the scheduler ----------------------------------------------
 
@@ -168,7 +167,10 @@ class Worker:
             elif t == p.KILL:
                 self._on_kill(msg)
             elif t == p.RESULT_ACK:
-                self._on_ack(msg)
+                key = (p.task_id_of(msg), p.get_int(msg, "attempt", lo=0))
+                self._acked(key, msg.get("accepted") is not False)
+            elif t == p.RESULTS_ACK:
+                self._on_results_ack(msg)
             elif t == p.HEARTBEAT_ACK:
                 pass  # its arrival already counted as the leader being alive
             elif t == p.DRAIN:
@@ -182,20 +184,28 @@ class Worker:
             log.exception("event=handler_failed endpoint=%s type=%s", ep, t)
 
     def _on_error(self, ep: str, msg: dict) -> None:
-        key = self.outbox.key_of(msg.get("id"))
+        rid = msg.get("id")
+        keys = self.outbox.keys_of(rid)
         code, text = msg.get("code"), msg.get("message")
-        if key is None:
+        if not keys:
             log.warning("event=scheduler_error endpoint=%s code=%s message=%r", ep, code, text)
             return
-        log.error("event=result_refused task_id=%s attempt=%s code=%s message=%r",
-                  key[0], key[1], code, text)
-        entry = self.outbox.entries[key]
-        if code in (p.TOO_LARGE, p.BAD_REQUEST) and (entry.msg["log"] or entry.msg["result"]):
-            # keep the outcome, drop the bulky parts, say why; resent on the next round
-            entry.msg.update(log=b"", result=b"", error=_clip(
-                f"{entry.msg.get('error', '')} [dtask: result and log dropped: the "
-                f"scheduler refused them: {code}: {text}]"))
-            entry.sent_at = 0.0
+        self.outbox.answered(rid)
+        for key in keys:
+            log.error("event=result_refused task_id=%s attempt=%s code=%s message=%r",
+                      key[0], key[1], code, text)
+            if code not in (p.TOO_LARGE, p.BAD_REQUEST):
+                continue  # resent on the resend timer
+            entry = self.outbox.entries[key]
+            if entry.batched:
+                self.outbox.resend_alone(key)  # on its own, its refusal is handled below
+            elif entry.msg["log"] or entry.msg["result"]:
+                # keep the outcome, drop the bulky parts, say why; resent at once
+                entry.msg.update(log=b"", result=b"", error=_clip(
+                    f"{entry.msg.get('error', '')} [dtask: result and log dropped: the "
+                    f"scheduler refused them: {code}: {text}]"))
+                self.outbox.resend_alone(key)
+        self._flush_results(time.monotonic())
 
     def _on_kill(self, msg: dict) -> None:
         key = (p.task_id_of(msg), p.get_int(msg, "attempt", lo=0))
@@ -217,9 +227,19 @@ class Worker:
             self._stop(job, p.LOST, "stopped: the leader's state does not lease this "
                        "attempt to this worker", time.monotonic())
 
-    def _on_ack(self, msg: dict) -> None:
-        key = (p.task_id_of(msg), p.get_int(msg, "attempt", lo=0))
-        if self.outbox.ack(key) and msg.get("accepted") is False:
+    def _on_results_ack(self, msg: dict) -> None:
+        acks = msg.get("acks")
+        if not isinstance(acks, list):
+            raise p.ProtocolError(p.BAD_REQUEST, "results_ack: field acks must be a list")
+        for item in acks:
+            if (isinstance(item, list) and len(item) == 3 and isinstance(item[0], str)
+                    and type(item[1]) is int):
+                self._acked((item[0], item[1]), item[2] is not False)
+        self.outbox.answered(msg.get("id"))
+        self._flush_results(time.monotonic())  # what finished while that batch was out
+
+    def _acked(self, key: Key, accepted: bool) -> None:
+        if self.outbox.ack(key) and not accepted:
             log.info("event=result_stale task_id=%s attempt=%d", *key)
             # The leader did not record this run: if it pushes the same attempt again
             # (a new leader re-leasing it), that is a new run, not a duplicate.
@@ -238,7 +258,7 @@ class Worker:
                 # Ran here, its result not acknowledged yet: a new leader pushes the same
                 # attempt again (the old one's lease never committed). That result is the
                 # answer to this push too: send it now, or the push waits for nothing.
-                self._send_result(key, now)
+                self._resend([key], now)
             return
         c = self.config
         if self.draining:
@@ -338,24 +358,65 @@ class Worker:
         if len(self.recent) > RECENT:
             self.recent.popitem(last=False)
         self.outbox.add(key, {
-            "v": p.VERSION, "t": p.RESULT, "worker_id": self.config.worker_id,
             "task_id": key[0], "attempt": key[1], "outcome": outcome, "exit_code": exit_code,
             "error": _clip(error), "result": result, "log": log_data,
             "started_us": started_us or finished, "finished_us": finished})
-        self._send_result(key, time.monotonic())
+        self._flush_results(time.monotonic())
         level = logging.DEBUG if outcome == p.SUCCEEDED else logging.INFO
         if log.isEnabledFor(level):
             log.log(level, "event=task_finished task_id=%s attempt=%d outcome=%s exit_code=%s "
                     "duration_ms=%.1f error=%r", key[0], key[1], outcome, exit_code,
                     (finished - (started_us or finished)) / 1000, _clip(error, 200))
 
-    def _send_result(self, key: Key, now: float) -> None:
-        entry = self.outbox.entries.get(key)
-        if entry is None:
+    def _flush_results(self, now: float) -> None:
+        """Send the results not sent yet: together in one `results` message when the
+        leader takes them, unless the batch before still waits for its ack (`outbox`)."""
+        box = self.outbox
+        if not box.unsent:
             return
+        if not self.conn.batch_results:
+            for key in list(box.unsent):
+                self._send_one(key, now)
+            return
+        together = []
+        for key in list(box.unsent):
+            if box.entries[key].alone:
+                self._send_one(key, now)
+            else:
+                together.append(key)
+        if together and not box.waiting_for_ack(now):
+            self._send_batch(batches(box, together)[0], now, window=True)
+
+    def _resend(self, keys: list[Key], now: float) -> None:
+        """Send `keys` again now, whatever is in flight."""
+        box = self.outbox
+        keys = [k for k in keys if k in box.entries]
+        if not self.conn.batch_results:
+            for key in keys:
+                self._send_one(key, now)
+            return
+        for key in keys:
+            if box.entries[key].alone:
+                self._send_one(key, now)
+        for chunk in batches(box, [k for k in keys if not box.entries[k].alone]):
+            self._send_batch(chunk, now)
+
+    def _send_one(self, key: Key, now: float) -> None:
         rid = self.conn.next_id()
-        if self.conn.send({**entry.msg, "id": rid, **self._credits()}):
-            self.outbox.sent(key, rid, now)
+        if self.conn.send({"v": p.VERSION, "t": p.RESULT, "id": rid,
+                           "worker_id": self.config.worker_id, **self.outbox.entries[key].msg,
+                           **self._credits()}):
+            self.outbox.sent([key], rid, now)
+
+    def _send_batch(self, keys: list[Key], now: float, window: bool = False) -> None:
+        rid = self.conn.next_id()
+        entries = self.outbox.entries
+        if self.conn.send({"v": p.VERSION, "t": p.RESULTS, "id": rid,
+                           "worker_id": self.config.worker_id,
+                           "results": [entries[k].msg for k in keys], **self._credits()}):
+            self.outbox.sent(keys, rid, now, batched=True, window=window)
+        elif window:
+            self.outbox.reset_window()  # nothing in flight: no reason to hold the next ones
 
     # -- timers ---------------------------------------------------------------------
 
@@ -383,10 +444,17 @@ class Worker:
                 self.next_flush = now + self.config.log_flush_interval
             due = min(due, self.next_flush)
         if self.outbox:
+            box = self.outbox
+            if box.unsent and box.batch_rid is not None:  # held behind a batch in flight
+                if box.waiting_for_ack(now):
+                    due = min(due, box.hold_until())
+                else:  # no ack in time: stop holding them
+                    box.reset_window()
+                    self._flush_results(now)
             interval = self.config.result_resend_interval
             if now >= self.next_resend:
-                for key in self.outbox.due(now, interval):
-                    self._send_result(key, now)
+                self._resend(box.due(now, interval), now)
+                self._flush_results(now)  # e.g. not sent for want of a leader
                 self.next_resend = now + interval / 4
             due = min(due, self.next_resend)
         if self.pool is not None:

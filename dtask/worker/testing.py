@@ -1,7 +1,8 @@
 """Test and benchmark doubles: a fake scheduler and a worker subprocess.
 
 `FakeScheduler` is one ROUTER speaking just enough of the protocol to drive a real
-worker: it answers `register`, records heartbeats, logs and results, acks results,
+worker: it answers `register`, records heartbeats, logs and results (each result of a
+`results` batch as if it came alone, with the batch's `id` and `batch` true), acks results,
 pushes `run`/`kill`, and can play a follower (NOT_LEADER with a hint), forget the
 worker (UNKNOWN_WORKER), drop results, or go silent. It is not a scheduler: it has no
 queues, leases or Raft. Tests run it on a thread (`start()`); benchmarks drive it
@@ -37,7 +38,8 @@ def task(task_id: str, type_: str, payload: Any, *, attempt: int = 1, timeout: f
 
 class FakeScheduler:
     def __init__(self, endpoint: str = "tcp://127.0.0.1:*", *,
-                 heartbeat_interval: float | None = None, worker_timeout: float = 10.0) -> None:
+                 heartbeat_interval: float | None = None, worker_timeout: float = 10.0,
+                 batch_results: bool = True) -> None:
         self.ctx = zmq.Context()
         self.sock = self.ctx.socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.LINGER, 0)
@@ -46,19 +48,24 @@ class FakeScheduler:
         self.endpoint = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
         self.heartbeat_interval = heartbeat_interval
         self.worker_timeout = worker_timeout
+        self.batch_results = batch_results  # say so in `registered`, as the real leader does
         # behaviour, changeable at any time
         self.mode = "leader"  # "leader" | "not_leader" | "silent"
         self.leader_hint = ""
         self.drop_results = 0  # ignore this many results before acking
         self.refuse_results = 0  # ack this many results with accepted=False (stale)
         self.unknown_worker = 0  # answer this many heartbeats with UNKNOWN_WORKER
+        self.refuse_batches = 0  # answer this many `results` with an error (TOO_LARGE)
+        self.hold_acks = False  # keep acks (of both kinds) until release_acks()
+        self.held: list[tuple[bytes, bytes]] = []
         # what happened
         self.cond = threading.Condition()
         self.received: list[tuple[float, dict]] = []  # (wall time, message)
         self.by_task: dict[str, list[dict]] = {}  # results by task id
+        self.batches: list[list[str]] = []  # task ids of each `results` message, in order
         self.bad = 0
         self.routes: dict[str, bytes] = {}  # worker_id -> routing id
-        self.outq: queue.Queue[tuple[str | None, bytes]] = queue.Queue()
+        self.outq: queue.Queue[tuple[str | bytes | None, bytes]] = queue.Queue()
         self.thread: threading.Thread | None = None
         self.stopping = False
 
@@ -99,15 +106,18 @@ class FakeScheduler:
                 self._handle(ident, frames)
         return n
 
-    def send_now(self, frame: bytes | dict, worker: str | None = None) -> None:
+    def send_now(self, frame: bytes | dict, worker: str | bytes | None = None) -> None:
         if isinstance(frame, dict):
             frame = p.pack(frame)
-        ident = self.routes.get(worker) if worker else next(reversed(self.routes.values()),
-                                                            None)
+        if isinstance(worker, bytes):  # a routing id already
+            ident: bytes | None = worker
+        else:
+            ident = self.routes.get(worker) if worker else next(
+                reversed(self.routes.values()), None)
         if ident is not None:
             self.sock.send_multipart([ident, frame])
 
-    def send(self, frame: bytes | dict, worker: str | None = None) -> None:
+    def send(self, frame: bytes | dict, worker: str | bytes | None = None) -> None:
         """Thread-safe: queued for the scheduler's thread."""
         if isinstance(frame, dict):
             frame = p.pack(frame)
@@ -136,38 +146,72 @@ class FakeScheduler:
         except p.ProtocolError:
             self.bad += 1
             return
+        t, rid = msg["t"], msg.get("id")
         with self.cond:
             if isinstance(msg.get("worker_id"), str):
                 self.routes[msg["worker_id"]] = ident
-            self.received.append((time.time(), msg))
-            if msg["t"] == p.RESULT:
-                self.by_task.setdefault(msg.get("task_id"), []).append(msg)
+            if t == p.RESULTS:
+                items = [{**item, "t": p.RESULT, "worker_id": msg.get("worker_id"), "id": rid,
+                          "batch": True}
+                         for item in msg.get("results", ())]
+                self.batches.append([item.get("task_id") for item in items])
+            else:
+                items = [msg]
+            for item in items:
+                self.received.append((time.time(), item))
+                if item["t"] == p.RESULT:
+                    self.by_task.setdefault(item.get("task_id"), []).append(item)
             self.cond.notify_all()
-        t, rid = msg["t"], msg.get("id")
         reply = None
         if self.mode == "silent":
             return
         if self.mode == "not_leader":
-            if t in (p.REGISTER, p.HEARTBEAT, p.RESULT):
+            if t in (p.REGISTER, p.HEARTBEAT, p.RESULT, p.RESULTS):
                 reply = p.error(rid, p.NOT_LEADER, "not the leader", leader=self.leader_hint)
         elif t == p.REGISTER:
             fields: dict[str, Any] = {"worker_timeout": self.worker_timeout}
             if self.heartbeat_interval:
                 fields["heartbeat_interval"] = self.heartbeat_interval
+            if self.batch_results:
+                fields["batch_results"] = True
             reply = p.reply(p.REGISTERED, rid, **fields)
         elif t == p.HEARTBEAT and self.unknown_worker > 0:
             self.unknown_worker -= 1
             reply = p.error(rid, p.UNKNOWN_WORKER, "register again")
+        elif t == p.RESULTS and self.refuse_batches > 0:
+            self.refuse_batches -= 1
+            reply = p.error(rid, p.TOO_LARGE, "refused by the test")
         elif t == p.RESULT:
-            if self.drop_results > 0:
-                self.drop_results -= 1
-            else:
-                accepted = self.refuse_results <= 0
-                self.refuse_results -= 1
+            accepted = self._take_result()
+            if accepted is not None:
                 reply = p.reply(p.RESULT_ACK, rid, task_id=msg["task_id"],
                                 attempt=msg["attempt"], accepted=accepted)
+        elif t == p.RESULTS:
+            acks = [[item["task_id"], item["attempt"], accepted] for item in items
+                    if (accepted := self._take_result()) is not None]
+            if acks:  # all dropped: no answer at all, as from a leader that died
+                reply = p.reply(p.RESULTS_ACK, rid, acks=acks)
         if reply is not None:
-            self.sock.send_multipart([ident, reply])
+            if self.hold_acks and t in (p.RESULT, p.RESULTS):
+                self.held.append((ident, reply))
+            else:
+                self.sock.send_multipart([ident, reply])
+
+    def _take_result(self) -> bool | None:
+        """How to ack the next result: None (drop it), True, or False (stale)."""
+        if self.drop_results > 0:
+            self.drop_results -= 1
+            return None
+        self.refuse_results -= 1
+        return self.refuse_results < 0
+
+    def release_acks(self) -> None:
+        """Send the held acks (thread-safe) and stop holding them."""
+        with self.cond:
+            self.hold_acks = False
+            held, self.held = self.held, []
+        for ident, reply in held:
+            self.send(reply, ident)
 
     # -- looking at what happened ------------------------------------------------------
 
