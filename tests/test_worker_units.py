@@ -152,10 +152,12 @@ def test_outbox_holds_the_next_batch_until_the_one_in_flight_is_answered() -> No
     assert not box.waiting_for_ack(5.0) and list(box.unsent) == [("c", 1)]
     # a refused batch: its results go again, each on its own
     box.resend_alone(("b", 1))
-    assert box.entries[("b", 1)].alone and list(box.unsent) == [("c", 1), ("b", 1)]
+    assert box.entries[("b", 1)].alone and list(box.unsent) == [("c", 1)]
+    assert list(box.unsent_alone) == [("b", 1)]
     assert box.entries[("b", 1)].batched  # how it was last sent, for the error handler
     box.sent([("b", 1)], 4, now=6.0)
-    assert not box.entries[("b", 1)].batched and box.keys_of(3) == [("a", 1)]
+    assert not box.unsent_alone and not box.entries[("b", 1)].batched
+    assert box.keys_of(3) == [("a", 1)]
 
 
 def test_batches_are_cut_by_count_and_by_bytes_and_keep_order() -> None:

@@ -38,7 +38,8 @@ class Outbox:
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.entries: dict[Key, Pending] = {}
-        self.unsent: dict[Key, None] = {}  # in the order they finished
+        self.unsent: dict[Key, None] = {}  # to go in the next batch, in the order they finished
+        self.unsent_alone: dict[Key, None] = {}  # to go each in a `result` of its own
         self.by_request: dict[object, set[Key]] = {}  # request id -> keys, for error replies
         self.batch_rid: object = None  # the batch in flight, if any
         self.batch_sent_at = 0.0
@@ -67,6 +68,7 @@ class Outbox:
                 self._forget_request(entry.rid, key)
                 entry.sent_at, entry.rid, entry.batched = now, request_id, batched
                 self.unsent.pop(key, None)
+                self.unsent_alone.pop(key, None)
         self.by_request[request_id] = set(keys)
         if window:
             self.batch_rid, self.batch_sent_at = request_id, now
@@ -77,7 +79,8 @@ class Outbox:
         entry = self.entries.get(key)
         if entry is not None:
             entry.alone, entry.sent_at = True, 0.0
-            self.unsent[key] = None
+            self.unsent.pop(key, None)
+            self.unsent_alone[key] = None
 
     def _forget_request(self, rid: object, key: Key) -> None:
         keys = self.by_request.get(rid)
@@ -91,6 +94,7 @@ class Outbox:
         if entry is None:
             return False
         self.unsent.pop(key, None)
+        self.unsent_alone.pop(key, None)
         self._forget_request(entry.rid, key)
         return True
 

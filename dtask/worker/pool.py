@@ -29,6 +29,7 @@ log = logging.getLogger("dtask.worker.pool")
 
 F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 REQUEST_PIPE_SIZE = 1 << 20  # most requests then fit without waiting for POLLOUT
+ANSWER_READ = 1 << 20
 
 
 class Call(Handle):
@@ -119,7 +120,7 @@ class Child:
     def _answers(self, _ev: int) -> None:
         while True:
             try:
-                data = os.read(self.resp_r, 1 << 20)
+                data = os.read(self.resp_r, ANSWER_READ)
             except BlockingIOError:
                 break
             except OSError:
@@ -128,6 +129,8 @@ class Child:
                 self.reactor.remove(self.resp_r)  # EOF: the child exited; pidfd tells the rest
                 break
             self.unpacker.feed(data)
+            if len(data) < ANSWER_READ:
+                break  # the pipe is empty: no need for a read that says so
         try:
             for msg in self.unpacker:
                 self._answer(msg)

@@ -161,6 +161,8 @@ class Process:
                 self._close_out()
                 return
             self.on_output(data)
+            if len(data) < READ_SIZE:
+                return  # the pipe is empty now; poll says when there is more
 
     def _close_out(self) -> None:
         if self.out is not None:

@@ -109,12 +109,13 @@ class Worker:
         in PREFETCH_HORIZON, and none while a running task is long."""
         if not self.prefetch_room or self.draining:
             return 0
-        if self.jobs and now_us() - self._oldest_start_us() > PREFETCH_WHILE_UNDER * 1e6:
+        if self.jobs and self._longest_running_s() > PREFETCH_WHILE_UNDER:
             return 0
         return self.prefetch_room
 
-    def _oldest_start_us(self) -> int:
-        return min(job.started_us for job in self.jobs.values())
+    def _longest_running_s(self) -> float:
+        """How long the oldest running job has run (seconds; there is at least one)."""
+        return (now_us() - min(job.started_us for job in self.jobs.values())) / 1e6
 
     def _measured(self, held_us: int) -> None:
         """A task gave its slot back after `held_us`: update what prefetch may ask for."""
@@ -372,20 +373,15 @@ class Worker:
         """Send the results not sent yet: together in one `results` message when the
         leader takes them, unless the batch before still waits for its ack (`outbox`)."""
         box = self.outbox
+        for key in list(box.unsent_alone):
+            self._send_one(key, now)
         if not box.unsent:
             return
         if not self.conn.batch_results:
             for key in list(box.unsent):
                 self._send_one(key, now)
-            return
-        together = []
-        for key in list(box.unsent):
-            if box.entries[key].alone:
-                self._send_one(key, now)
-            else:
-                together.append(key)
-        if together and not box.waiting_for_ack(now):
-            self._send_batch(batches(box, together)[0], now, window=True)
+        elif not box.waiting_for_ack(now):
+            self._send_batch(batches(box, list(box.unsent))[0], now, window=True)
 
     def _resend(self, keys: list[Key], now: float) -> None:
         """Send `keys` again now, whatever is in flight."""
@@ -475,8 +471,8 @@ class Worker:
                 self.told_prefetch = 0  # what the heartbeat will say
                 self.conn.heartbeat_now()
                 due = now
-            else:
-                due = now + (self._oldest_start_us() - now_us()) / 1e6 + PREFETCH_WHILE_UNDER
+            else:  # prefetch() just checked it is under PREFETCH_WHILE_UNDER
+                due = now - self._longest_running_s() + PREFETCH_WHILE_UNDER
         while self.waiting:  # in arrival order: the ones waited too long come first
             key, (_, arrived) = next(iter(self.waiting.items()))
             if now - arrived < PREFETCH_HAND_BACK:
