@@ -2,7 +2,9 @@
 commits, leader crashes that lose an uncommitted suffix of the log, and workers
 finishing what they were pushed, run against the replicated state machine and the
 leader's dispatcher (early dispatch included: a task pushed before its SUBMIT
-commits).
+commits). Workers report results as the real one does: in batches, one in flight
+per worker, what finishes meanwhile waiting for its ack; all that no leader
+acknowledged again to each new leader.
 
 What must hold whatever the schedule: every idempotency key a client submitted ends
 as exactly one task, completed; no task ever has two live attempts; a follower
@@ -39,6 +41,9 @@ class Sim:
         self.unacked: list[str] = []  # keys whose submission failed: the client resends
         self.runs: set[tuple[str, int, str]] = set()  # (task, attempt, worker) pushed
         self.results: list[list] = []  # finished runs whose result is not acknowledged
+        self.unsent: dict[str, list[list]] = {w: [] for w in WORKERS}  # held by the worker
+        self.in_flight: dict[str, list | None] = dict.fromkeys(WORKERS)  # its batch out
+        self.batch_sizes: Counter[int] = Counter()
         self.ran: Counter[tuple[str, int, str]] = Counter()
         self.early_leases = 0  # over all leaders
         self.pushed: set[str] = set()  # task ids ever pushed to a worker
@@ -61,8 +66,11 @@ class Sim:
             self.d.register(WorkerInfo(wid, wid.encode(), concurrency=slots,
                                        queues=frozenset({"default"}),
                                        executors=frozenset({"shell"}), last_seen=1e18), held)
-        for result in self.results:  # workers re-send what no leader acknowledged
-            self.propose(sm.RESULT, [result], lambda res, r=result: self._result_acked(r))
+        for wid in WORKERS:  # workers re-send what no leader acknowledged, in batches
+            self.in_flight[wid], self.unsent[wid] = None, []
+            mine = [r for r in self.results if r[-1] == wid]
+            if mine:
+                self.send_batch(wid, mine)
         self.dispatch()
 
     def propose(self, kind: str, body: list, on_applied=None) -> None:
@@ -116,9 +124,29 @@ class Sim:
                 self.runs.discard((task_id, number, worker_id))
                 self.report(task_id, number, worker_id, p.LOST)
 
-    def _result_acked(self, result: list) -> None:
-        if result in self.results:
-            self.results.remove(result)
+    def send_batch(self, worker_id: str, batch: list[list], window: bool = False) -> None:
+        worker = self.d.workers.get(worker_id)
+        for result in batch:  # the leader frees their slots as the batch arrives
+            if worker is not None:
+                worker.assigned.pop(result[0], None)
+        self.batch_sizes[len(batch)] += 1
+        if window:
+            self.in_flight[worker_id] = batch
+        self.propose(sm.RESULT, batch, lambda res, b=batch: self._batch_acked(worker_id, b))
+
+    def flush(self, worker_id: str) -> None:
+        """Send what the worker holds, unless its previous batch awaits its ack."""
+        if self.unsent[worker_id] and self.in_flight[worker_id] is None:
+            batch, self.unsent[worker_id] = self.unsent[worker_id], []
+            self.send_batch(worker_id, batch, window=True)
+
+    def _batch_acked(self, worker_id: str, batch: list[list]) -> None:
+        for result in batch:
+            if result in self.results:
+                self.results.remove(result)
+        if self.in_flight[worker_id] is batch:
+            self.in_flight[worker_id] = None
+            self.flush(worker_id)
 
     # -- the log ------------------------------------------------------------------------
 
@@ -172,10 +200,8 @@ class Sim:
     def report(self, task_id: str, number: int, worker_id: str, outcome: str) -> None:
         result = [task_id, number, outcome, 0, "", b"", b"", T0, T0, T0, worker_id]
         self.results.append(result)
-        worker = self.d.workers.get(worker_id)
-        if worker is not None:
-            worker.assigned.pop(task_id, None)
-        self.propose(sm.RESULT, [result], lambda res, r=result: self._result_acked(r))
+        self.unsent[worker_id].append(result)
+        self.flush(worker_id)
 
     def check(self) -> None:
         for task in self.state.tasks.values():
@@ -196,7 +222,8 @@ class Sim:
                 self.finish_one()
             self.commit(len(self.log))
             self.check()
-            if not self.unacked and not self.runs and self.applied == len(self.log):
+            if not self.unacked and not self.runs and self.applied == len(self.log) \
+                    and not self.results:
                 break
 
 
@@ -212,16 +239,20 @@ def test_every_submitted_key_completes_once_across_leader_crashes(seed):
         assert last.outcome == p.SUCCEEDED
         assert sim.ran[(task.id, last.number, last.worker)] >= 1  # it really ran there
     assert sim.d.early == {} and not sim.d.leasing
+    assert sim.results == [] and not any(sim.unsent.values())  # every result acknowledged
     # Early dispatch never pushes a resubmission of a task still being submitted.
     assert sim.wasted == []
 
 
 def test_the_simulation_exercises_early_leases_and_crashes():
     early = crashes = resends = 0
+    sizes: Counter[int] = Counter()
     for seed in range(20):
         sim = Sim(seed)
         sim.run(150)
         early += sim.early_leases + sim.d.early_leases
         crashes += sim.term - 1
         resends += sim.early_resends
+        sizes += sim.batch_sizes
     assert early > 0 and crashes > 0 and resends > 0
+    assert max(sizes) > 1  # results did wait behind a batch in flight
