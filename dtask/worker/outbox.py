@@ -27,7 +27,7 @@ ACK_WAIT = 0.25
 
 @dataclass(slots=True)
 class Pending:
-    msg: dict  # the result message, without the per-send fields (id, credits)
+    msg: dict  # the result's fields, task_id to finished_us: a `results` item
     sent_at: float = 0.0  # monotonic; 0.0: not sent yet
     rid: object = None  # request id of the latest send
     alone: bool = False  # refused inside a batch: it travels in a `result` of its own

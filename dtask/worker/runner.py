@@ -7,6 +7,7 @@ loop never blocks on a task; blocking work lives in child processes.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import os
@@ -26,7 +27,7 @@ from .config import WorkerConfig
 from .connection import Connection
 from .executors import NEEDS_POOL, Context, Finished, Handle, TaskError, build
 from .logbuf import LogBuffer
-from .outbox import Key, Outbox, batches
+from .outbox import BATCH_RESULTS, Key, Outbox, batches
 from .pool import PythonPool
 from .process import GUARD
 from .reactor import Reactor
@@ -381,8 +382,9 @@ class Worker:
         if not self.conn.batch_results:
             for key in list(box.unsent):
                 self._send_one(key, now)
-        elif not box.waiting_for_ack(now):
-            self._send_batch(batches(box, list(box.unsent))[0], now, window=True)
+        elif not box.waiting_for_ack(now):  # cut only the first batch's worth
+            first = list(itertools.islice(box.unsent, BATCH_RESULTS))
+            self._send_batch(batches(box, first)[0], now, window=True)
 
     def _resend(self, keys: list[Key], now: float) -> None:
         """Send `keys` again now, whatever is in flight."""
