@@ -383,6 +383,8 @@ def test_lease_deadline_expires_a_running_task(h):
     assert deadline == T0 + 11_000_000  # timeout + grace
     h.do(sm.LEASE, [[tid, attempt, wid, deadline]])
     d.lease_settled(tid, wid, True)
+    for changed in h.s.changed:  # as the server does after every apply
+        d.sync(changed)
     assert d.fire_timers(deadline - 1) == []
     assert d.fire_timers(deadline) == [("a", 1, p.TIMED_OUT,
                                         "lease deadline passed (timeout + grace)")]

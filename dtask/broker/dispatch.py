@@ -343,12 +343,18 @@ class Dispatcher:
         return best
 
     def lease_settled(self, task_id: str, worker_id: str, granted: bool) -> None:
-        """The LEASE entry applied; a refused lease gives the slot back."""
+        """The LEASE entry applied; a refused lease gives the slot back.
+
+        A granted lease made the task RUNNING, so the state lists it as changed and the
+        caller syncs it after this apply (its queues do not depend on `leasing` any
+        more); a refused one may have changed nothing, and leaving `leasing` can make
+        it queueable again, so it is synced here."""
         self.leasing.discard(task_id)
-        if not granted:
-            worker = self.workers.get(worker_id)
-            if worker is not None:
-                worker.assigned.pop(task_id, None)
+        if granted:
+            return
+        worker = self.workers.get(worker_id)
+        if worker is not None:
+            worker.assigned.pop(task_id, None)
         self.sync(task_id)
 
     def stats(self) -> dict:
