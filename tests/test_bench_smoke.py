@@ -47,7 +47,8 @@ def test_smoke_every_system_every_scenario(tmp_path: Path) -> None:
             assert rows, f"{scenario}: no row for {name}\n{proc.stdout}"
             figures = [x for v in rows.values() for x in (v.values() if isinstance(v, dict)
                                                           else [v])]
-            assert all(x > 0 for x in figures), f"{scenario}/{name}: {rows}"
+            failures = [line for line in proc.stdout.splitlines() if "failed:" in line]
+            assert all(x > 0 for x in figures), f"{scenario}/{name}: {rows}\n{failures}"
     failover = medians["failover"]["dtask"]
     assert failover["recovery_s"] > 0 and failover["acked"] > 0, failover
     assert failover["lost"] == 0, failover
