@@ -3,8 +3,8 @@
 
     .venv/bin/python bench/bench_e2e_cpu.py [--tasks 20000] [--workers 1] [--runs 1]
 
-A local cluster as in `bench_worker_e2e.py` (3 schedulers, fsync on, W worker
-processes x 1 slot, no-op Python tasks submitted with `submit_many` in batches of 500).
+`bench_worker_e2e.run` (3 schedulers, fsync on, W worker processes x 1 slot, no-op
+Python tasks submitted with `submit_many` in batches of 500), warmed up with 50 tasks.
 Around the timed part it reads utime + stime of every thread of every process the
 run started from /proc, and prints them per task, largest first, with the rate.
 On a CPU-bound 2-core machine the total per task is what bounds throughput; compare
@@ -14,11 +14,10 @@ two checkouts by running each one's copy of this script, alternated. Linux only.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
-import shutil
 import sys
-import tempfile
-import time
+from collections.abc import Iterator
 
 # The checkout this script is in (a side-by-side run from another worktree must
 # measure that worktree's code; its schedulers and workers import from the cwd).
@@ -26,12 +25,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 os.chdir(ROOT)
 
+from bench import bench_worker_e2e  # noqa: E402
 from dtask.broker.localcluster import SchedulerCluster  # noqa: E402
-from dtask.client import Client  # noqa: E402
 
 TICK = os.sysconf("SC_CLK_TCK")
 TASK = {"type": "python", "payload": {"fn": "builtins:int"}}
-BATCH = 500
 
 Sample = dict[tuple[int, int], tuple[str, int]]  # (pid, tid) -> (label, cpu ticks)
 
@@ -78,42 +76,32 @@ def sample(roles: dict[int, str]) -> Sample:
 
 
 def run(n: int, workers: int) -> None:
-    root = tempfile.mkdtemp(prefix="dtask-bench-cpu-")
-    cluster = SchedulerCluster(root, size=3, worker_timeout=5.0)
-    try:
-        cluster.start_all()
+    found: dict[str, object] = {}
+
+    @contextlib.contextmanager
+    def timed(cluster: SchedulerCluster) -> Iterator[None]:
         leader = cluster.wait_leader()
-        procs = [cluster.start_worker(f"w{i + 1}", 1, "--log-level", "warning")
-                 for i in range(workers)]
         roles = {m.proc.pid: ("leader" if i == leader else f"follower {i}")
                  for i, m in cluster.members.items()}
-        roles.update({w.pid: f"worker {i + 1}" for i, w in enumerate(procs)})
-        with Client(cluster.endpoints, timeout=60) as client:
-            for tid in client.submit_many([TASK] * 50):  # warm pools, prefetch measured
-                client.wait(tid, timeout=60)
-            before, own = sample(roles), os.times()
-            start_us = time.time_ns() // 1000
-            ids: list[str] = []
-            for i in range(0, n, BATCH):
-                ids += client.submit_many([TASK] * min(BATCH, n - i))
-            client.wait(ids[-1], timeout=300)
-            after, own_after = sample(roles), os.times()
-            wanted = set(ids)
-            end_us = max(t["finished_us"] for t in client.list(limit=None) if t["id"] in wanted)
-        rate = n / ((end_us - start_us) / 1e6)
-        per_task = 1e6 / TICK / n
-        rows = sorted(((ticks - before.get(key, ("", 0))[1]) * per_task, name)
-                      for key, (name, ticks) in after.items())
-        rows = [r for r in rows if r[0] > 0][::-1]
-        client_us = (own_after.user + own_after.system - own.user - own.system) * 1e6 / n
-        print(f"{n} tasks, {workers} worker process(es) x 1 slot: {rate:,.0f} tasks/s; "
-              f"CPU {sum(r[0] for r in rows) + client_us:.0f} us per task")
-        for us, name in rows:
-            print(f"  {us:7.1f} us  {name}")
-        print(f"  {client_us:7.1f} us  client (this process)")
-    finally:
-        cluster.stop_all()
-        shutil.rmtree(root, ignore_errors=True)
+        roles.update({w.pid: f"worker {i + 1}" for i, w in enumerate(cluster.workers)})
+        found["before"], own = sample(roles), os.times()
+        yield
+        found["after"], own_after = sample(roles), os.times()
+        found["client_s"] = own_after.user + own_after.system - own.user - own.system
+
+    rate = bench_worker_e2e.run("python", TASK["payload"], n, workers, 1, warm=50,
+                                timed=timed)
+    before, after = found["before"], found["after"]
+    per_task = 1e6 / TICK / n
+    rows = sorted(((ticks - before.get(key, ("", 0))[1]) * per_task, name)
+                  for key, (name, ticks) in after.items())
+    rows = [r for r in rows if r[0] > 0][::-1]
+    client_us = found["client_s"] * 1e6 / n
+    print(f"{n} tasks, {workers} worker process(es) x 1 slot: {rate:,.0f} tasks/s; "
+          f"CPU {sum(r[0] for r in rows) + client_us:.0f} us per task")
+    for us, name in rows:
+        print(f"  {us:7.1f} us  {name}")
+    print(f"  {client_us:7.1f} us  client (this process)")
 
 
 def main() -> None:

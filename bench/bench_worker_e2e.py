@@ -13,11 +13,14 @@ submits pipelined in batches of 500 so the workers never run dry. Compare: Celer
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
@@ -29,7 +32,11 @@ BATCH = 500
 
 
 def run(kind: str, payload: dict, n: int, workers: int, per_worker: int,
-        prefetch: int | None = None) -> float:
+        prefetch: int | None = None, *, warm: int = 20,
+        timed: Callable[[SchedulerCluster], AbstractContextManager] | None = None) -> float:
+    """Tasks/s from the first submit to the last finish. `timed(cluster)`, if given, is
+    entered just before the first submit and left once the last task has finished (how
+    bench_e2e_cpu.py reads /proc around exactly the measured part)."""
     root = tempfile.mkdtemp(prefix="dtask-bench-")
     cluster = SchedulerCluster(root, size=3, worker_timeout=5.0)
     try:
@@ -39,20 +46,20 @@ def run(kind: str, payload: dict, n: int, workers: int, per_worker: int,
             extra = () if prefetch is None else ("--prefetch", str(prefetch))
             cluster.start_worker(f"bench-w{i + 1}", per_worker, "--log-level", "warning", *extra)
         with Client(cluster.endpoints, timeout=60) as client:
-            warm = client.submit_many([{"type": kind, "payload": payload}] * 20)
-            for tid in warm:
+            for tid in client.submit_many([{"type": kind, "payload": payload}] * warm):
                 client.wait(tid, timeout=60)
-            start_us = time.time_ns() // 1000
-            ids: list[str] = []
-            for i in range(0, n, BATCH):
-                ids += client.submit_many([{"type": kind, "payload": payload}]
-                                          * min(BATCH, n - i))
-            # Wait for the last task first (FIFO within a priority: it finishes last or
-            # nearly so), and check the others only then: a wait per task while they
-            # run would add a request per task to the leader's load, which the peers'
-            # harnesses (one sentinel task) do not carry. The end time is exact either
-            # way: the latest finish of them all.
-            client.wait(ids[-1], timeout=300)
+            with timed(cluster) if timed else contextlib.nullcontext():
+                start_us = time.time_ns() // 1000
+                ids: list[str] = []
+                for i in range(0, n, BATCH):
+                    ids += client.submit_many([{"type": kind, "payload": payload}]
+                                              * min(BATCH, n - i))
+                # Wait for the last task first (FIFO within a priority: it finishes last
+                # or nearly so), and check the others only then: a wait per task while
+                # they run would add a request per task to the leader's load, which the
+                # peers' harnesses (one sentinel task) do not carry. The end time is
+                # exact either way: the latest finish of them all.
+                client.wait(ids[-1], timeout=300)
             for tid in ids:
                 task = client.wait(tid, timeout=300)
                 assert task["status"] == p.COMPLETED, task
