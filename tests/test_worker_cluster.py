@@ -1,5 +1,6 @@
 """End-to-end: a real worker against fake schedulers — finding the leader, failing
-over with unacknowledged results, and draining on SIGTERM/SIGINT."""
+over with unacknowledged results, and draining on SIGTERM/SIGINT; and the worker's
+connection alone, in this process, for which sockets it polls."""
 
 from __future__ import annotations
 
@@ -7,12 +8,16 @@ import os
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import msgpack
 import pytest
+import zmq
 
 from dtask import protocol as p
+from dtask.worker.config import WorkerConfig
+from dtask.worker.connection import Connection
+from dtask.worker.reactor import Reactor
 from dtask.worker.testing import FakeScheduler, WorkerProcess, task
 
 pytestmark = pytest.mark.slow
@@ -90,6 +95,53 @@ def test_skips_an_endpoint_that_does_not_answer(fakes: list[FakeScheduler]) -> N
     finally:
         out = finish(worker)
     assert f"event=registered leader={live.endpoint} heartbeat_interval=0.05" in out
+
+
+def test_only_the_leaders_socket_is_polled_while_registered() -> None:
+    """While registered, the other endpoints' sockets leave the poll set (each costs
+    system calls per loop turn); what they still receive is read with the heartbeats,
+    and a lost leader puts every socket back for the search."""
+    leader, other = FakeScheduler().start(), FakeScheduler().start()
+    other.mode = "silent"  # answers the worker's first register only much later
+    zctx = zmq.Context()
+    reactor = Reactor()
+    config = WorkerConfig(worker_id="w-poll", endpoints=[other.endpoint, leader.endpoint],
+                          heartbeat_interval=0.05, register_timeout=0.2)
+    conn = Connection(zctx, config, reactor, on_message=lambda ep, msg: None,
+                      on_error=lambda ep, msg: None,
+                      registration=lambda: {"worker_id": "w-poll"},
+                      heartbeat=lambda: {"worker_id": "w-poll"},
+                      on_registered=lambda changed: None)
+
+    def polled() -> set[zmq.Socket]:
+        return {k for k in reactor.handlers if isinstance(k, zmq.Socket)}
+
+    def run_until(done: Callable[[], bool], what: str, timeout: float = 5.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not done():
+            assert time.monotonic() < deadline, what
+            now = time.monotonic()
+            reactor.poll(min(0.02, max(0.0, conn.tick(now) - now)))
+
+    try:
+        assert polled() == set(conn.sockets.values())  # searching: all of them
+        run_until(lambda: conn.leader == leader.endpoint, "registered at the leader")
+        assert polled() == {conn.sockets[leader.endpoint]}
+        # A late answer from the endpoint it gave up on is still read (and dropped as
+        # stale) within a heartbeat, although its socket is not polled.
+        other.send_now(p.reply(p.REGISTERED, 1), "w-poll")
+        late = conn.sockets[other.endpoint]
+        run_until(lambda: late.getsockopt(zmq.EVENTS) & zmq.POLLIN, "the late answer arrives")
+        run_until(lambda: not late.getsockopt(zmq.EVENTS) & zmq.POLLIN, "read at a heartbeat")
+        assert conn.leader == leader.endpoint
+        leader.mode = "silent"  # the probe goes unanswered: the search starts over
+        run_until(lambda: conn.leader is None, "the silent leader given up")
+        assert polled() == set(conn.sockets.values())
+    finally:
+        conn.close()
+        zctx.term()
+        leader.close()
+        other.close()
 
 
 def test_sigterm_drains_reports_and_says_bye(fakes: list[FakeScheduler]) -> None:

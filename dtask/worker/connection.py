@@ -8,6 +8,11 @@ endpoint a register cannot even be queued for (not connected) within CONNECT_GRA
 After a round over every endpoint without success it backs off before the next round
 (the connections keep trying in the background, so a slow handshake only costs a round).
 
+While registered, only the leader's socket is in the poll set: every poll of a ZeroMQ
+socket costs two system calls before and two after the wait, per socket, and the
+others carry nothing but late answers to an abandoned search. Those are read (and
+dropped as stale) with each heartbeat instead; during a search every socket is polled.
+
 Liveness: any message from the leader counts. Heartbeats get no reply, so when the
 leader has been silent for a few heartbeat intervals, or a heartbeat cannot even be
 queued because the connection is down, the worker probes it with a fresh `register`
@@ -53,6 +58,7 @@ class Connection:
         self.on_registered = on_registered
         self.endpoints = list(dict.fromkeys(config.endpoints))
         self.sockets: dict[str, zmq.Socket] = {}
+        self.polled: set[str] = set()  # endpoints whose socket is in the reactor
         self.heartbeat_interval = config.heartbeat_interval
         self.leader: str | None = None
         self.batch_results = False  # the leader takes `results` (its `registered` said so)
@@ -105,8 +111,26 @@ class Connection:
             sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 3000)
             sock.connect(ep)
             self.sockets[ep] = sock
-            self.reactor.add(sock, lambda _ev, ep=ep: self._recv(ep))
+            self._poll_sockets()
         return sock
+
+    def _poll_sockets(self) -> None:
+        """Put exactly the sockets that matter now in the reactor (see the docstring)."""
+        if self.leader is not None and self.candidate in (None, self.leader):
+            wanted = {self.leader}
+        else:
+            wanted = set(self.sockets)
+        if wanted == self.polled:
+            return
+        for ep in self.polled - wanted:
+            self.reactor.remove(self.sockets[ep])
+        for ep in wanted - self.polled:
+            self.reactor.add(self.sockets[ep], lambda _ev, ep=ep: self._recv(ep))
+        self.polled = wanted
+
+    def _read_unpolled(self) -> None:
+        for ep in [ep for ep in self.sockets if ep not in self.polled]:
+            self._recv(ep)
 
     # -- receiving ----------------------------------------------------------------
 
@@ -117,7 +141,7 @@ class Connection:
             try:
                 frame = sock.recv(zmq.NOBLOCK)
             except zmq.Again:
-                return
+                break
             if sock.getsockopt(zmq.RCVMORE):
                 while sock.getsockopt(zmq.RCVMORE):
                     sock.recv()
@@ -137,6 +161,7 @@ class Connection:
                 self._error(ep, msg, now)
             else:
                 self.on_message(ep, msg)
+        self._poll_sockets()  # the leader may have changed
 
     def _bad(self, ep: str, why: str) -> None:
         self.bad_messages += 1
@@ -194,6 +219,7 @@ class Connection:
         self.reg_id = self.next_id()
         self.reg_started = now
         self.reg_deadline = now + self.config.register_timeout
+        self._poll_sockets()
         self.reg_sent = self._send_to(ep, self._register_msg())
 
     def _attempt_next(self, now: float) -> None:
@@ -209,6 +235,7 @@ class Connection:
             self.leader = None
         if self.candidate == ep:
             self.candidate = None
+        self._poll_sockets()
         if ep in self.endpoints:
             self.next_index = (self.endpoints.index(ep) + 1) % len(self.endpoints)
         self.fails += 1
@@ -240,6 +267,7 @@ class Connection:
                 if not self.send({"v": p.VERSION, "t": p.HEARTBEAT, **self.heartbeat()}):
                     probe_at = now  # not even connected (IMMEDIATE): check at once
                 self.next_heartbeat = now + self.heartbeat_interval
+                self._read_unpolled()
             if self.candidate is None and now >= probe_at:
                 log.debug("event=probe leader=%s", self.leader)
                 self._attempt(self.leader, now)
@@ -252,7 +280,7 @@ class Connection:
 
     def close(self, linger: float = 0.0) -> None:
         for sock in self.sockets.values():
-            self.reactor.remove(sock)
+            self.reactor.remove(sock)  # a no-op for the ones not polled
             sock.setsockopt(zmq.LINGER, int(linger * 1000))
             sock.close()
         self.sockets.clear()

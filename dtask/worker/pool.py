@@ -118,18 +118,19 @@ class Child:
             log.debug("event=pool_child_output pid=%d data=%r", self.proc.pid, data[:200])
 
     def _answers(self, _ev: int) -> None:
+        buf = self.pool.read_buffer
         while True:
             try:
-                data = os.read(self.resp_r, ANSWER_READ)
+                n = os.readv(self.resp_r, [buf])
             except BlockingIOError:
                 break
             except OSError:
-                data = b""
-            if not data:
+                n = 0
+            if not n:
                 self.reactor.remove(self.resp_r)  # EOF: the child exited; pidfd tells the rest
                 break
-            self.unpacker.feed(data)
-            if len(data) < ANSWER_READ:
+            self.unpacker.feed(self.pool.read_view[:n])
+            if n < ANSWER_READ:
                 break  # the pipe is empty: no need for a read that says so
         try:
             for msg in self.unpacker:
@@ -188,6 +189,10 @@ class PythonPool:
         self.children: list[Child] = []
         self.free: deque[Child] = deque()
         self.queue: deque[Call] = deque()
+        # Answers are read into one reused buffer (the unpacker copies what it keeps):
+        # os.read(fd, 1 MiB) would cost an mmap, mremap and munmap per answer.
+        self.read_buffer = bytearray(ANSWER_READ)
+        self.read_view = memoryview(self.read_buffer)
         self.closing = False
         self.early_deaths = 0
         self.respawn_at = 0.0

@@ -21,6 +21,7 @@ import msgpack
 from .registry import resolve
 
 FAILED, SUCCEEDED = "failed", "succeeded"  # protocol outcomes (not imported: stay light)
+READ_SIZE = 1 << 20
 
 
 def _write(fd: int, msg: dict) -> None:
@@ -78,11 +79,15 @@ def main(argv: list[str]) -> int:
     _flush()
     _write(resp_fd, {"ready": True, "errors": errors})
     unpacker = msgpack.Unpacker(raw=False, max_buffer_size=256 << 20)
+    # Read into one reused buffer: os.read(fd, 1 MiB) would malloc a fresh 1 MiB
+    # (an mmap) and shrink and free it (mremap, munmap) for every small request.
+    buf = bytearray(READ_SIZE)
+    view = memoryview(buf)
     while True:
-        data = os.read(req_fd, 1 << 20)
-        if not data:
+        n = os.readv(req_fd, [buf])
+        if not n:
             return 0  # the worker closed the pipe: it is stopping
-        unpacker.feed(data)
+        unpacker.feed(view[:n])
         for req in unpacker:
             answer: dict[str, Any] = call(req)
             _flush()
