@@ -89,19 +89,12 @@ class Proxy:
 
 
 @pytest.fixture
-def ctx():
-    c = zmq.Context()
-    yield c
-    c.term()
-
-
-@pytest.fixture
-def make(ctx):
+def make():
     """Persister / HistoryReader factory: closed at teardown even when a test fails."""
     made = []
 
     def build(cls, dsn, **kw):
-        obj = cls(dsn, ctx, **kw)
+        obj = cls(dsn, **kw)
         obj.start()
         made.append(obj)
         return obj
@@ -127,7 +120,7 @@ def proxied_pg():
 def loop_until(persister, cond, timeout=30.0) -> list[int]:
     """The scheduler loop's part: wait on `wake`, call poll(), until cond(done)."""
     poller = zmq.Poller()
-    poller.register(persister.wake, zmq.POLLIN)
+    poller.register(persister.wake.fd, zmq.POLLIN)
     done: list[int] = []
     deadline = time.monotonic() + timeout
     while not cond(done):
@@ -294,7 +287,7 @@ def test_bad_batch_keeps_retrying_without_log_spam(tmp_path, make, caplog):
 def run_reader(reader, n: int, timeout=10.0) -> list[tuple]:
     """Poll like the scheduler loop (on wake and on a tick) until n replies arrived."""
     poller = zmq.Poller()
-    poller.register(reader.wake, zmq.POLLIN)
+    poller.register(reader.wake.fd, zmq.POLLIN)
     deadline = time.monotonic() + timeout
     while len(replies) < n:
         assert time.monotonic() < deadline

@@ -31,14 +31,14 @@ class Log:
 def run_until(node: RaftNode, cond, timeout: float = 10.0) -> None:
     poller = zmq.Poller()
     poller.register(node.socket, zmq.POLLIN)
-    poller.register(node.wake_socket, zmq.POLLIN)
+    poller.register(node.wake_fd, zmq.POLLIN)
     deadline = time.monotonic() + timeout
     while not cond():
         assert time.monotonic() < deadline
         events = dict(poller.poll(node.next_timeout_ms()))
         if node.socket in events:
             node.on_readable()
-        if node.wake_socket in events:
+        if node.wake_fd in events:
             node.on_wake()
         node.on_timer()
         node.process()

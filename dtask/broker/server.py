@@ -105,15 +105,15 @@ class SchedulerServer(NodeDaemon):
         self._id_seq = 0
         self.gc = GCPolicy()
         dsn = cfg.db_dsn()
-        self.persister = Persister(dsn, self.ctx)
-        self.history = HistoryReader(dsn, self.ctx)
+        self.persister = Persister(dsn)
+        self.history = HistoryReader(dsn)
         self.feed = PersistFeed(self, self.persister)
         self.crondesk = CronDesk(self)
         self.persister.start()
         self.history.start()
 
-    def wake_sockets(self) -> list[zmq.Socket]:
-        return [self.persister.wake, self.history.wake]
+    def wake_fds(self) -> list[int]:
+        return [self.persister.wake.fd, self.history.wake.fd]
 
     def on_close(self) -> None:
         self.persister.close()
@@ -144,8 +144,8 @@ class SchedulerServer(NodeDaemon):
                 break
             if self.node.is_leader:
                 self.desk.flush(now_us)
-        self.feed.step(now_us, self.persister.wake in self.readable)
-        self.history.poll(self.history.wake in self.readable)
+        self.feed.step(now_us, self.persister.wake.fd in self.readable)
+        self.history.poll(self.history.wake.fd in self.readable)
 
     def poll_timeout_ms(self) -> int:
         timeout = self.node.next_timeout_ms()

@@ -2,7 +2,7 @@
 
 The scheduler's loop must never wait for the database, so it queues a read with a
 reply callback and carries on; this thread runs it on its own connection and wakes
-the loop (inproc PAIR, as in `dtask.raft.writer`), whose `poll` calls the replies.
+the loop (an eventfd, `dtask.wakeup`, as in `dtask.raft.writer`), whose `poll` calls the replies.
 Every request is answered within `timeout`: if the database is down or slow, with
 `StoreUnavailable`, never by hanging. While the database is down, requests fail at
 once until the next reconnect attempt (capped exponential backoff).
@@ -10,8 +10,6 @@ once until the next reconnect attempt (capped exponential backoff).
 
 from __future__ import annotations
 
-import contextlib
-import itertools
 import logging
 import queue
 import threading
@@ -19,8 +17,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 
-import zmq
-
+from ..wakeup import Wakeup
 from .store import Store, StoreUnavailable, open_store, redact
 
 log = logging.getLogger("dtask.persist")
@@ -28,7 +25,6 @@ log = logging.getLogger("dtask.persist")
 KINDS = ("get_task", "list_tasks", "list_purged", "get_log")
 Reply = Callable[[object, Exception | None], None]
 
-_ids = itertools.count()
 
 
 class _Request:
@@ -40,17 +36,13 @@ class _Request:
 
 
 class HistoryReader:
-    def __init__(self, dsn: str, ctx: zmq.Context, name: str = "history",
+    def __init__(self, dsn: str, name: str = "history",
                  timeout: float = 2.0, max_waiting: int = 1000) -> None:
         self.dsn = dsn
         self.name = redact(dsn)
         self.timeout = timeout
         self.max_waiting = max_waiting
-        addr = f"inproc://dtask-history-{next(_ids)}"
-        self.wake = ctx.socket(zmq.PAIR)  # the loop polls this
-        self.wake.bind(addr)
-        self._signal = ctx.socket(zmq.PAIR)  # used by the thread only
-        self._signal.connect(addr)
+        self.wake = Wakeup()  # the loop polls wake.fd
         self._jobs: queue.SimpleQueue[_Request | None] = queue.SimpleQueue()
         self._completed: deque[tuple[_Request, object, Exception | None]] = deque()
         self._waiting: deque[_Request] = deque()  # loop side, in deadline order
@@ -82,14 +74,11 @@ class HistoryReader:
     def poll(self, woken: bool = True) -> int:
         """Call the replies of finished reads, and fail those past their deadline.
 
-        Called when `wake` is readable (`woken`: drain it), and also from the loop's
+        Called when `wake.fd` is readable (`woken`: drain it), and also from the loop's
         regular tick: a read stuck behind an unreachable server is failed here, on time.
         """
-        while woken:
-            try:
-                self.wake.recv(zmq.NOBLOCK)
-            except zmq.Again:
-                break
+        if woken:
+            self.wake.take()
         n = 0
         completed = self._completed
         while completed:
@@ -108,11 +97,11 @@ class HistoryReader:
 
     def close(self, timeout: float = 5) -> None:
         self._jobs.put(None)
-        if self._thread.ident is None:  # never started: its socket is ours to close
-            self._signal.close(0)
-        else:
+        if self._thread.is_alive():
             self._thread.join(timeout)
-        self.wake.close(0)
+            if self._thread.is_alive():  # it may still notify: leave the fd open
+                return
+        self.wake.close()
 
     def _expire(self, now: float) -> int:
         # Every request has the same timeout, so deadlines grow front to back.
@@ -150,12 +139,10 @@ class HistoryReader:
                 except Exception as exc:  # handed to the reply, on the loop thread
                     error = exc
                 self._completed.append((req, result, error))
-                with contextlib.suppress(zmq.Again):  # wake-ups are pending already
-                    self._signal.send(b"", zmq.NOBLOCK)
+                self.wake.notify()
         finally:
             if self._store is not None:
                 self._store.close()
-            self._signal.close(0)
 
     def _read(self, req: _Request) -> object:
         store = self._connected()

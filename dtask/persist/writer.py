@@ -2,7 +2,7 @@
 
 DESIGN.md principle 5: the loop hands over one batch at a time (`submit` only when not
 `busy`, so memory stays bounded by one batch) and learns what was committed from
-`poll`, woken by an inproc PAIR socket as in `dtask.raft.writer`. A database that goes
+`poll`, woken through an eventfd (`dtask.wakeup`) as in `dtask.raft.writer`. A database that goes
 away is a state, not an error: the thread reconnects and retries the same batch with
 capped exponential backoff until it is written or the persister is closed, logging one
 line when the database goes down and one when it is back.
@@ -10,8 +10,6 @@ line when the database goes down and one when it is back.
 
 from __future__ import annotations
 
-import contextlib
-import itertools
 import logging
 import queue
 import random
@@ -19,8 +17,7 @@ import threading
 import time
 from collections import deque
 
-import zmq
-
+from ..wakeup import Wakeup
 from .rows import Batch
 from .store import Store, StoreUnavailable, open_store, redact
 
@@ -29,21 +26,16 @@ log = logging.getLogger("dtask.persist")
 CONNECTING, OK, DOWN = "connecting", "ok", "down"
 BACKOFF_MIN, BACKOFF_MAX = 0.1, 5.0
 
-_ids = itertools.count()
 _REFRESH = object()  # a job: read the database's last index again
 
 
 class Persister:
-    def __init__(self, dsn: str, ctx: zmq.Context, name: str = "persister",
+    def __init__(self, dsn: str, name: str = "persister",
                  timeout: float = 10.0) -> None:
         self.dsn = dsn
         self.timeout = timeout  # connecting; SQLite's wait for the write lock
         self.name = redact(dsn)
-        addr = f"inproc://dtask-persister-{next(_ids)}"
-        self.wake = ctx.socket(zmq.PAIR)  # the loop polls this
-        self.wake.bind(addr)
-        self._signal = ctx.socket(zmq.PAIR)  # used by the thread only
-        self._signal.connect(addr)
+        self.wake = Wakeup()  # the loop polls wake.fd
         self._jobs: queue.SimpleQueue[Batch | None] = queue.SimpleQueue()
         self._done: deque[int] = deque()  # last_index of committed batches, for poll()
         self._busy = False
@@ -84,13 +76,10 @@ class Persister:
 
     def poll(self, woken: bool = True) -> list[int]:
         """The last_index of each batch committed since the last call. `woken`: the
-        loop saw `wake` readable, so drain it (a drain that finds nothing costs an
-        exception, ~7 us, on every loop turn otherwise)."""
-        while woken:
-            try:
-                self.wake.recv(zmq.NOBLOCK)
-            except zmq.Again:
-                break
+        loop saw `wake.fd` readable, so drain it (a drain that finds nothing costs a
+        system call and an exception, on every loop turn otherwise)."""
+        if woken:
+            self.wake.take()
         done = self._done
         return [done.popleft() for _ in range(len(done))]
 
@@ -103,14 +92,13 @@ class Persister:
         """Stop the thread; a batch not yet written is dropped (Raft still has it)."""
         self._stop.set()
         self._jobs.put(None)
-        if self._thread.ident is None:  # never started: its socket is ours to close
-            self._signal.close(0)
-        elif self._thread.is_alive():
+        if self._thread.is_alive():
             self._thread.join(timeout)
-            if self._thread.is_alive():
+            if self._thread.is_alive():  # it may still notify: leave the fd open
                 log.warning("event=persist_close_timeout dsn=%s timeout_s=%.1f",
                             self.name, timeout)
-        self.wake.close(0)
+                return
+        self.wake.close()
 
     # ------------------------------------------------------------------ thread side
 
@@ -139,7 +127,6 @@ class Persister:
         finally:
             if self._store is not None:
                 self._store.close()
-            self._signal.close(0)
 
     def _connect(self, pending: bool) -> bool:
         try:
@@ -223,6 +210,4 @@ class Persister:
         return min(delay * 2, BACKOFF_MAX)
 
     def _notify(self) -> None:
-        # Again: the loop has unread wake-ups already, one more adds nothing.
-        with contextlib.suppress(zmq.Again):
-            self._signal.send(b"", zmq.NOBLOCK)
+        self.wake.notify()

@@ -39,8 +39,8 @@ class NodeDaemon:
     def poll_timeout_ms(self) -> int:
         return self.node.next_timeout_ms()
 
-    def wake_sockets(self) -> list[zmq.Socket]:
-        """Sockets helper threads signal to wake the loop; `turn` drains them."""
+    def wake_fds(self) -> list[int]:
+        """Wake-up fds (`dtask.wakeup`) helper threads signal; `turn` drains them."""
         return []
 
     def on_close(self) -> None:
@@ -51,10 +51,10 @@ class NodeDaemon:
     def serve_forever(self) -> None:
         poller = zmq.Poller()
         poller.register(self.node.socket, zmq.POLLIN)
-        poller.register(self.node.wake_socket, zmq.POLLIN)
+        poller.register(self.node.wake_fd, zmq.POLLIN)
         poller.register(self.sock, zmq.POLLIN)
-        for wake in self.wake_sockets():
-            poller.register(wake, zmq.POLLIN)
+        for fd in self.wake_fds():
+            poller.register(fd, zmq.POLLIN)
         watchdog = sdnotify.Watchdog()
         sdnotify.ready()  # systemd Type=notify: serving from here on
         try:
@@ -63,7 +63,7 @@ class NodeDaemon:
                 events = self.readable = dict(poller.poll(self.poll_timeout_ms()))
                 if self.node.socket in events:
                     self.node.on_readable()
-                if self.node.wake_socket in events:
+                if self.node.wake_fd in events:
                     self.node.on_wake()
                 if self.sock in events:
                     self.on_requests()

@@ -1,7 +1,8 @@
 """The Raft node driver: joins the pure core to disk, ZeroMQ and a state machine.
 
 It is a component of its daemon's single `zmq.Poller` loop: the daemon polls
-`node.socket` and `node.wake_socket` with `node.next_timeout_ms()`, and calls
+`node.socket` and the file descriptor `node.wake_fd` with `node.next_timeout_ms()`,
+and calls
 `on_readable()` / `on_wake()` when they are readable, `on_timer()`, and finally
 `process()` once per loop turn. `process()` hands all the turn's proposals to the
 core as one batch. On the leader their write and fsync run on a dedicated thread
@@ -104,8 +105,8 @@ class RaftNode:
         ctx = ctx or zmq.Context.instance()
         self.transport = Transport(ctx, cfg.node_id, cfg.bind, self._peer_addresses())
         self.socket = self.transport.router
-        self.writer = StorageWriter(ctx, f"raft-writer-{cfg.node_id}")
-        self.wake_socket = self.writer.wake
+        self.writer = StorageWriter(f"raft-writer-{cfg.node_id}")
+        self.wake_fd = self.writer.wake.fd
         self._writing: Ready | None = None  # the Ready whose write is in flight
         self._snapshot_child: tuple[int, SnapshotMeta, float, float] | None = None
         self._applied_bytes = 0  # since the last snapshot: bounds the in-memory log

@@ -1,30 +1,23 @@
 """A node's disk writes on one dedicated thread, so its poll loop never blocks in fsync.
 
 DESIGN.md principle 5: blocking work runs on its own thread and talks to the loop
-through a queue and an inproc socket that wakes it. Jobs run strictly in order; the
+through a queue and an eventfd that wakes it (`dtask.wakeup`). Jobs run strictly in order; the
 loop hands over the next write only after the previous one finished, and everything
 appended meanwhile joins that next write (group commit).
 """
 
 from __future__ import annotations
 
-import itertools
 import queue
 import threading
 from collections.abc import Callable
 
-import zmq
-
-_ids = itertools.count()
+from dtask.wakeup import Wakeup
 
 
 class StorageWriter:
-    def __init__(self, ctx: zmq.Context, name: str = "raft-writer") -> None:
-        addr = f"inproc://dtask-writer-{next(_ids)}"
-        self.wake = ctx.socket(zmq.PAIR)  # the loop polls this
-        self.wake.bind(addr)
-        self._signal = ctx.socket(zmq.PAIR)  # used by the writer thread only
-        self._signal.connect(addr)
+    def __init__(self, name: str = "raft-writer") -> None:
+        self.wake = Wakeup()  # the loop polls wake.fd
         self._jobs: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
         self.error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
@@ -35,13 +28,7 @@ class StorageWriter:
 
     def finished(self) -> int:
         """How many jobs finished since the last call; raises a job's error in the loop."""
-        n = 0
-        while True:
-            try:
-                self.wake.recv(zmq.NOBLOCK)
-            except zmq.Again:
-                break
-            n += 1
+        n = self.wake.take()
         if self.error is not None:
             raise self.error  # a failed fsync: the node must stop, not carry on
         return n
@@ -49,8 +36,8 @@ class StorageWriter:
     def close(self) -> None:
         self._jobs.put(None)
         self._thread.join(timeout=30)
-        self._signal.close(0)
-        self.wake.close(0)
+        if not self._thread.is_alive():  # else it may still notify: leave the fd open
+            self.wake.close()
 
     def _run(self) -> None:
         while True:
@@ -61,4 +48,4 @@ class StorageWriter:
                 job()
             except BaseException as exc:  # handed to the loop thread by finished()
                 self.error = exc
-            self._signal.send(b"")
+            self.wake.notify()
