@@ -9,8 +9,13 @@ How it works (docs/protocol.md is the reference):
 
 - One background I/O thread owns every ZeroMQ socket: a DEALER per scheduler endpoint
   (ZeroMQ sockets are not thread-safe). Caller threads pack their request, append it
-  to a list and wake the I/O thread through an inproc socket; replies are matched to
+  to a list and wake the I/O thread through an eventfd; replies are matched to
   futures by request id, so any number of requests share one connection.
+- The I/O thread polls the believed leader's socket and connection monitor only: in
+  zmq_poll every ZeroMQ socket costs four system calls per loop turn, and with all
+  six polled that was most of a small request's client CPU. The other endpoints'
+  sockets are swept every few milliseconds while requests are outstanding (they carry
+  late replies, and answers during a failover, which then waits that much longer).
 - Lazy Pirate retries: a request goes to the believed leader; NOT_LEADER sends it to
   the leader named in the reply (or the next endpoint), no reply within the
   per-attempt timeout or a disconnected endpoint sends it to the next endpoint,
@@ -27,7 +32,6 @@ How it works (docs/protocol.md is the reference):
 
 from __future__ import annotations
 
-import contextlib
 import datetime as _dt
 import heapq
 import itertools
@@ -64,6 +68,7 @@ from .taskspec import (
     encode_task,
     epoch_us,
 )
+from .wakeup import Wakeup
 
 __all__ = ["Client", "DTaskError", "TaskNotFound", "Conflict", "BadRequest", "TooLarge",
            "Unavailable"]
@@ -131,6 +136,7 @@ _BACKOFF_MIN, _BACKOFF_MAX = 0.005, 0.5
 _NOTHING_YET = "no attempt finished"
 _WRITES = frozenset({p.SUBMITTED, p.CANCELLED_REPLY})  # reply types of requests with effects
 _PER_TASK = 0.0001  # extra attempt time per task in a submit batch (big batches are slow)
+_SWEEP = 0.01  # s between reads of the sockets not polled, while requests are outstanding
 # submit_async calls queued while the I/O thread was busy go out as one submit message
 # of up to this many tasks / bytes: the scheduler's cost is mostly per message.
 _COALESCE_TASKS, _COALESCE_BYTES = 1000, 4 << 20
@@ -191,7 +197,7 @@ class Client(CronMixin):
         self._keys = itertools.count(1)
         self._key_prefix = uuid.uuid4().hex + "-"  # + a counter: unique, ~20x cheaper
         self._tls = threading.local()  # a Packer per caller thread (Packer is not shared)
-        # _lock guards _pending, _wake_pending, _closed, _wake_tx and _outstanding.
+        # _lock guards _pending, _wake_pending, _closed and _outstanding.
         self._lock = threading.Lock()
         self._room = threading.Condition(self._lock)  # signalled when slots free up
         self._outstanding = 0  # requests holding one of the max_in_flight slots
@@ -204,6 +210,7 @@ class Client(CronMixin):
         self._inflight: dict[int, _Request] = {}
         self._timers: list[tuple[float, int, _Request]] = []
         self._timer_seq = itertools.count(1)
+        self._next_sweep = 0.0  # monotonic time of the next read of the unpolled sockets
         self.late_replies = 0  # replies to finished requests (duplicates of retries)
         self.bad_replies = 0  # frames that were not valid replies
         self._ctx = zmq.Context()
@@ -219,11 +226,7 @@ class Client(CronMixin):
 
     def _open_sockets(self) -> None:
         # Created here, used only by the I/O thread from now on (thread start is a barrier).
-        addr = f"inproc://dtask-client-{uuid.uuid4().hex}"
-        self._wake_rx = self._ctx.socket(zmq.PAIR)
-        self._wake_rx.bind(addr)
-        self._wake_tx = self._ctx.socket(zmq.PAIR)
-        self._wake_tx.connect(addr)
+        self._wake = Wakeup()  # callers notify, the I/O thread polls wake.fd
         self._socks: list[zmq.Socket] = []
         self._monitors: list[zmq.Socket] = []
         # Per endpoint: None until its first connection attempt resolves, then whether
@@ -456,8 +459,7 @@ class Client(CronMixin):
                 return
             self._closed = True
             self._room.notify_all()
-            with contextlib.suppress(zmq.Again):  # a wake-up is already queued
-                self._wake_tx.send(b"", zmq.NOBLOCK)
+            self._wake.notify()
         if threading.get_ident() == self._io_ident:
             self._release_on_exit = True  # can't join ourselves: clean up on the way out
             return
@@ -465,8 +467,7 @@ class Client(CronMixin):
         self._release()
 
     def _release(self) -> None:
-        with self._lock:
-            self._wake_tx.close(0)
+        self._wake.close()  # the I/O thread is gone; late callers see _closed first
         self._ctx.term()
 
     def __enter__(self) -> Client:
@@ -530,7 +531,7 @@ class Client(CronMixin):
             self._pending.append(req)
             if not self._wake_pending:  # one wake-up per batch, not per request
                 self._wake_pending = True
-                self._wake_tx.send(b"", zmq.NOBLOCK)
+                self._wake.notify()
         return fut
 
     # -- the I/O thread ---------------------------------------------------------------------
@@ -556,45 +557,44 @@ class Client(CronMixin):
                 sock.disable_monitor()
                 mon.close(0)
                 sock.close(0)
-            self._wake_rx.close(0)
             if self._release_on_exit:  # close() was called from a callback
                 self._release()
 
     def _loop(self) -> None:
-        poller = zmq.Poller()
-        poller.register(self._wake_rx, zmq.POLLIN)
-        index: dict[zmq.Socket, int] = {}
-        for i, (sock, mon) in enumerate(zip(self._socks, self._monitors, strict=True)):
-            poller.register(sock, zmq.POLLIN)
-            poller.register(mon, zmq.POLLIN)
-            index[sock] = i
-            index[mon] = -1 - i
-        wake = self._wake_rx
+        wake = self._wake.fd
+        poller, polled = zmq.Poller(), -1
         while True:
+            if polled != self._leader:  # the leader's sockets only (module docstring)
+                polled = self._leader
+                poller = zmq.Poller()
+                poller.register(wake, zmq.POLLIN)
+                poller.register(self._socks[polled], zmq.POLLIN)
+                poller.register(self._monitors[polled], zmq.POLLIN)
+            due = self._timers[0][0] if self._timers else math.inf
+            if self._inflight:
+                due = min(due, self._next_sweep)
             timeout = None
-            if self._timers:
-                timeout = max(0, math.ceil((self._timers[0][0] - time.monotonic()) * 1000))
-            for sock, _ in poller.poll(timeout):
-                if sock is wake:
-                    while True:
-                        try:
-                            wake.recv(zmq.NOBLOCK)
-                        except zmq.Again:
-                            break
-                    continue
-                i = index[sock]
-                if i >= 0:
-                    self._read(i)
+            if due < math.inf:
+                timeout = max(0, math.ceil((due - time.monotonic()) * 1000))
+            for key, _ in poller.poll(timeout):
+                if key == wake:
+                    self._wake.take()
+                elif key is self._socks[polled]:
+                    self._read(polled)
                 else:
-                    self._connection_events(-1 - i)
+                    self._connection_events(polled)
             if self._closed:
                 return
+            if self._inflight and time.monotonic() >= self._next_sweep:
+                self._sweep(polled)
             if self._pending:
                 with self._lock:
                     batch, self._pending = self._pending, []
                     self._wake_pending = False
                 now = time.monotonic()
                 inflight = self._inflight
+                if not inflight:  # the first sweep is due a full interval from now
+                    self._next_sweep = now + _SWEEP
                 for req in self._coalesce(batch):
                     inflight[req.rid] = req
                     req.target = self._leader
@@ -603,6 +603,14 @@ class Client(CronMixin):
                 self._fire_timers()
             if self._freed:
                 self._free_slots()
+
+    def _sweep(self, polled: int) -> None:
+        """Read the sockets of the endpoints that are not polled (see the docstring)."""
+        for i in range(len(self._socks)):
+            if i != polled:
+                self._connection_events(i)
+                self._read(i)
+        self._next_sweep = time.monotonic() + _SWEEP
 
     def _coalesce(self, batch: list[_Request]) -> list[_Request]:
         """One-task submits queued together share one message (a caller with many

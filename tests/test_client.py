@@ -307,6 +307,43 @@ def test_a_leader_that_disconnects_mid_request_is_left_at_once(cluster):
         assert time.monotonic() - t0 < 10  # well under the 20 s attempt timeout
 
 
+def test_a_reply_from_an_endpoint_no_longer_polled_still_arrives_promptly(cluster):
+    """The I/O thread polls only the believed leader's sockets; the others are swept
+    while requests are outstanding, so an answer from the old leader to a request sent
+    before the leader changed lands within milliseconds, not at the attempt timeout."""
+    cluster.leader = 0
+    held: list[dict] = []  # the first submit node 0 gets: answered by the test, later
+
+    def hold_first(node: int, msg: dict) -> object:
+        if node == 0 and msg["t"] == p.SUBMIT and not held:
+            held.append(msg)
+            return DROP
+        return None
+
+    cluster.hook = hold_first
+    idents: list[bytes] = []  # who sent what (to address the late answer)
+    handle = cluster._handle
+    cluster._handle = lambda node, ident, frames: (idents.append(ident),
+                                                   handle(node, ident, frames))[1]
+    with client(cluster, timeout=30, attempt_timeout=10) as c:
+        first = c.submit_async("echo", 1)
+        deadline = time.monotonic() + 5
+        while not held:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        cluster.leader = 2
+        c.submit("echo", 2)  # NOT_LEADER from node 0 names node 2: now the one polled
+        assert c.leader == cluster.endpoints[2]
+        msg = held[0]
+        cluster.call(lambda: cluster._send(
+            0, idents[0], cluster._on_submit(0, idents[0], msg["id"], msg)))
+        t0 = time.monotonic()
+        task_id = first.result(timeout=5)  # the attempt timeout (10 s) would resend it
+        assert time.monotonic() - t0 < 1.0
+        assert task_id in cluster.tasks and c.late_replies == 0
+    assert [n for n, m in cluster.received if m["t"] == p.SUBMIT] == [0, 0, 2]
+
+
 def test_a_lost_reply_is_retried_with_the_same_idempotency_key(fake):
     fake.drop_replies = 1  # the task is created, but its acknowledgement is lost
     with client(fake, attempt_timeout=0.2) as c:
