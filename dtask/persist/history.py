@@ -2,10 +2,10 @@
 
 The scheduler's loop must never wait for the database, so it queues a read with a
 reply callback and carries on; this thread runs it on its own connection and wakes
-the loop (an eventfd, `dtask.wakeup`, as in `dtask.raft.writer`), whose `poll` calls the replies.
-Every request is answered within `timeout`: if the database is down or slow, with
-`StoreUnavailable`, never by hanging. While the database is down, requests fail at
-once until the next reconnect attempt (capped exponential backoff).
+the loop (an eventfd, `dtask.wakeup`, as in `dtask.raft.writer`), whose `poll` calls
+the replies. Every request is answered within `timeout`: if the database is down or
+slow, with `StoreUnavailable`, never by hanging. While the database is down,
+requests fail at once until the next reconnect attempt (capped exponential backoff).
 """
 
 from __future__ import annotations

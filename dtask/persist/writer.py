@@ -1,11 +1,11 @@
 """The persister thread: writes the leader's batches to the database, off the loop.
 
-DESIGN.md principle 5: the loop hands over one batch at a time (`submit` only when not
-`busy`, so memory stays bounded by one batch) and learns what was committed from
-`poll`, woken through an eventfd (`dtask.wakeup`) as in `dtask.raft.writer`. A database that goes
-away is a state, not an error: the thread reconnects and retries the same batch with
-capped exponential backoff until it is written or the persister is closed, logging one
-line when the database goes down and one when it is back.
+DESIGN.md principle 5: the loop hands over one batch at a time (`submit` only when
+not `busy`, so memory stays bounded by one batch) and learns what was committed from
+`poll`, woken through an eventfd (`dtask.wakeup`) as in `dtask.raft.writer`. A
+database that goes away is a state, not an error: the thread reconnects and retries
+the same batch with capped exponential backoff until it is written or the persister
+is closed, logging one line when the database goes down and one when it is back.
 """
 
 from __future__ import annotations

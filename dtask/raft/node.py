@@ -2,14 +2,13 @@
 
 It is a component of its daemon's single `zmq.Poller` loop: the daemon polls
 `node.socket` and the file descriptor `node.wake_fd` with `node.next_timeout_ms()`,
-and calls
-`on_readable()` / `on_wake()` when they are readable, `on_timer()`, and finally
-`process()` once per loop turn. `process()` hands all the turn's proposals to the
-core as one batch. On the leader their write and fsync run on a dedicated thread
-(`writer.StorageWriter`) while the loop keeps serving, and everything proposed in
-the meantime joins the next write (group commit). When the write is durable
-(`on_wake`), the node sends the messages that had to wait for it, applies committed
-entries and resolves callbacks.
+and calls `on_readable()` / `on_wake()` when they are readable, `on_timer()`, and
+finally `process()` once per loop turn. `process()` hands all the turn's proposals
+to the core as one batch. On the leader their write and fsync run on a dedicated
+thread (`writer.StorageWriter`) while the loop keeps serving, and everything
+proposed in the meantime joins the next write (group commit). When the write is
+durable (`on_wake`), the node sends the messages that had to wait for it, applies
+committed entries and resolves callbacks.
 
 A follower (or candidate) writes on the loop thread instead: its reply must wait for
 the fsync anyway, so a hand-off to the thread and back only adds two wake-ups to

@@ -1,9 +1,9 @@
 """A node's disk writes on one dedicated thread, so its poll loop never blocks in fsync.
 
 DESIGN.md principle 5: blocking work runs on its own thread and talks to the loop
-through a queue and an eventfd that wakes it (`dtask.wakeup`). Jobs run strictly in order; the
-loop hands over the next write only after the previous one finished, and everything
-appended meanwhile joins that next write (group commit).
+through a queue and an eventfd that wakes it (`dtask.wakeup`). Jobs run strictly in
+order; the loop hands over the next write only after the previous one finished, and
+everything appended meanwhile joins that next write (group commit).
 """
 
 from __future__ import annotations
