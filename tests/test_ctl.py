@@ -212,8 +212,10 @@ def test_logs_follow_streams_a_running_task(cluster, client):
     cmd = "for i in 1 2 3 4 5; do echo line$i; sleep 0.3; done"
     task_id = submit(cluster, "shell", json.dumps({"cmd": cmd}))
     env = dict(os.environ, DTASK_ENDPOINTS=",".join(cluster.endpoints))
+    # Unbuffered: readline() then takes exactly one line, and communicate() (which reads
+    # the raw fds) the rest; a buffered reader could hold line 2 where neither sees it.
     proc = subprocess.Popen([*DTASKCTL, "logs", "-f", task_id], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, env=env)
+                            stderr=subprocess.PIPE, env=env, bufsize=0)
     try:
         first = proc.stdout.readline()
         # The first line arrived while the task still runs: streamed, not dumped at the end.
