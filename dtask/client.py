@@ -12,10 +12,11 @@ How it works (docs/protocol.md is the reference):
   to a list and wake the I/O thread through an eventfd; replies are matched to
   futures by request id, so any number of requests share one connection.
 - The I/O thread polls the believed leader's socket and connection monitor only: in
-  zmq_poll every ZeroMQ socket costs four system calls per loop turn, and with all
-  six polled that was most of a small request's client CPU. The other endpoints'
-  sockets are swept every few milliseconds while requests are outstanding (they carry
-  late replies, and answers during a failover, which then waits that much longer).
+  zmq_poll every ZeroMQ socket costs four system calls per loop turn, and with every
+  DEALER and monitor polled that was about half of a synchronous request's system
+  calls. The other endpoints' sockets are swept every 10 ms while requests are
+  outstanding (they carry late replies, and answers during a failover, which then
+  waits that much longer).
 - Lazy Pirate retries: a request goes to the believed leader; NOT_LEADER sends it to
   the leader named in the reply (or the next endpoint), no reply within the
   per-attempt timeout or a disconnected endpoint sends it to the next endpoint,
